@@ -1,0 +1,156 @@
+"""The `streamrank` command: argument parsing and exit codes, nothing else.
+
+Each sub-command calls one function of the library; errors carry their exit code
+(streamrank.errors) so the scheduler can tell bad input (5) from a failed quality gate
+(3) or a model that was not promoted (4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+
+from streamrank.config import DEFAULT_CONF, parse_date
+from streamrank.errors import StreamrankError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _date(value: str):  # noqa: ANN202 - argparse type
+    from streamrank.errors import ConfigError
+
+    try:
+        return parse_date(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _context(args: argparse.Namespace):  # noqa: ANN202
+    from streamrank.config import load_config
+    from streamrank.context import Context
+
+    return Context(load_config(args.conf, args.set or []))
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_init(args: argparse.Namespace) -> int:
+    ctx = _context(args)
+    created = ctx.warehouse.create_all()
+    print(f"warehouse {ctx.cfg.warehouse} (engine {ctx.warehouse.engine}): created {len(created)} tables")
+    for name in created:
+        print(f"  {name}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from streamrank.config import load_config
+    from streamrank.generate import generate
+
+    cfg = load_config(args.conf, args.set or [])
+    ledger = generate(cfg.landing, args.start, args.days, scale=args.scale, faults=args.faults, seed=args.seed)
+    dates = sorted(ledger["dates"])[-args.days:]
+    lines = sum(ledger["dates"][d]["lines"] for d in dates)
+    print(f"[generate] {args.days} days from {args.start} at scale {args.scale}: {lines} event lines under {cfg.landing}"
+          f" (ledger {cfg.landing / '_ledger' / 'ledger.json'})")
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from streamrank.analyst import run_sql
+
+    ctx = _context(args)
+    return run_sql(ctx, args.query, as_of_version=args.as_of_version, out=args.out, limit=args.limit)
+
+
+def _stage(module: str, func: str = "run") -> Handler:
+    """A stage command: `<module>.<func>(ctx, args) -> int`, imported when called."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        ctx = _context(args)
+        return getattr(importlib.import_module(f"streamrank.{module}"), func)(ctx, args)
+
+    return handler
+
+
+# ----------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamrank", description="Nightly batch ML for live-stream commerce.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_: str, date: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--conf", default=str(DEFAULT_CONF), help="YAML config (default conf/local.yaml)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+        if date:
+            p.add_argument("--date", required=True, type=_date, help="the business date D, YYYY-MM-DD")
+        p.set_defaults(handler=handler)
+        return p
+
+    add("init", cmd_init, "create every warehouse table that does not exist yet")
+
+    p = add("generate", cmd_generate, "write synthetic landing data (events, catalog, schedule) and a fault ledger")
+    p.add_argument("--start", required=True, type=_date)
+    p.add_argument("--days", type=int, default=1)
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--faults", action="store_true")
+    p.add_argument("--seed", type=int, default=7)
+
+    p = add("sql", cmd_sql, "run Spark SQL over every table (views named <layer>_<table>)")
+    p.add_argument("query")
+    p.add_argument("--as-of-version", action="append", metavar="TABLE=VERSION",
+                   help="read a table at an older Delta version, e.g. gold/user_product_rankings=3")
+    p.add_argument("--out", help="write the result to a .csv or .parquet file instead of printing")
+    p.add_argument("--limit", type=int, default=1000, help="rows to print (default 1000)")
+
+    for name, module, help_ in STAGES:
+        p = add(name, _stage(module), help_, date=True)
+        for flag, kwargs in STAGE_FLAGS.get(name, []):
+            p.add_argument(flag, **kwargs)
+    return parser
+
+
+# (command, module, help) for the date-driven stages; each module has run(ctx, args) -> int.
+STAGES: list[tuple[str, str, str]] = [
+    ("ingest", "ingest", "landing files of D -> bronze tables, exactly once"),
+    ("clean", "clean", "bronze of D -> silver + quarantine, behind the GX gate"),
+    ("features", "features", "silver up to D -> gold viewer features, training examples, vocabularies"),
+    ("train", "train", "Petastorm -> torch -> MLflow: train and register a challenger"),
+    ("evaluate", "evaluate", "holdout metrics for challenger, champion and baselines"),
+    ("score", "score", "rankings and intent scores for the streams of D+1"),
+    ("report", "report", "static HTML report with plots for D"),
+    ("nightly", "nightly", "every stage for D in order, resumable, one run per warehouse"),
+]
+STAGE_FLAGS: dict[str, list[tuple[str, dict]]] = {
+    "nightly": [
+        ("--force", {"action": "store_true", "help": "re-run stages that already succeeded for D"}),
+        ("--from", {"dest": "from_stage", "metavar": "STAGE", "help": "restart from this stage"}),
+    ],
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except StreamrankError as exc:
+        print(f"streamrank {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""What every stage gets: the conf, a lazily started Spark session, the warehouse, a run id.
+
+Also the stage recorder: each stage run appends one row to ops/job_runs (status, timing,
+Delta versions read and written, MLflow run) and prints one summary line, whatever the
+outcome, so a scheduler log and the table tell the same story.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from pyspark.sql import SparkSession
+
+from streamrank.config import Config
+from streamrank.delta import Warehouse
+from streamrank.errors import StreamrankError
+
+
+class Context:
+    """Per-process state shared by the stages of one command."""
+
+    def __init__(self, cfg: Config, run_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.run_id = run_id or f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+    @cached_property
+    def spark(self) -> SparkSession:
+        from streamrank.spark import build_session
+
+        return build_session(self.cfg)
+
+    @cached_property
+    def warehouse(self) -> Warehouse:
+        wh = Warehouse(self.spark, self.cfg)
+        wh.create_all()
+        return wh
+
+    def table(self, name: str):  # noqa: ANN201 - DeltaTable
+        return self.warehouse.table(name)
+
+
+@dataclass
+class StageRun:
+    """Lineage of one stage run, filled in by the stage while it works."""
+
+    stage: str
+    run_date: dt.date
+    run_id: str
+    versions_read: dict[str, int | None] = field(default_factory=dict)
+    versions_written: dict[str, int | None] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    message: str = ""
+
+    def read(self, table: str, version: int | None) -> None:
+        self.versions_read[table] = version
+
+    def wrote(self, table: str, version: int | None) -> None:
+        self.versions_written[table] = version
+
+
+def _summary(run: StageRun, status: str, seconds: float) -> str:
+    wrote = " ".join(f"{t}@v{v}" for t, v in run.versions_written.items())
+    metrics = " ".join(f"{k}={v}" for k, v in run.metrics.items() if not isinstance(v, (dict, list)))
+    parts = [f"[{run.stage}] date={run.run_date} status={status} {seconds:.1f}s", metrics, f"wrote {wrote}" if wrote else "", run.message]
+    return " | ".join(p for p in parts if p)
+
+
+@contextmanager
+def stage_run(ctx: Context, stage: str, run_date: dt.date) -> Iterator[StageRun]:
+    """Record a stage in ops/job_runs and print its summary line, on success and on failure."""
+    run = StageRun(stage, run_date, ctx.run_id)
+    started = dt.datetime.now(dt.UTC)
+    t0 = time.perf_counter()
+    status, code = "success", 0
+    try:
+        yield run
+    except StreamrankError as exc:
+        status, code = "failed", exc.exit_code
+        run.message = run.message or str(exc).splitlines()[0]
+        raise
+    except BaseException as exc:
+        status, code = "failed", 1
+        run.message = run.message or f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise
+    finally:
+        seconds = time.perf_counter() - t0
+        row = {
+            "run_id": ctx.run_id, "stage": stage, "status": status, "exit_code": code,
+            "started_at": started, "ended_at": dt.datetime.now(dt.UTC), "duration_s": round(seconds, 3),
+            "versions_read": json.dumps(run.versions_read, sort_keys=True),
+            "versions_written": json.dumps(run.versions_written, sort_keys=True),
+            "mlflow_run_id": run.mlflow_run_id, "metrics": json.dumps(run.metrics, default=str, sort_keys=True),
+            "message": run.message[:2000], "host": socket.gethostname(), "pid": os.getpid(), "run_date": run_date,
+        }
+        try:
+            ctx.table("ops/job_runs").append_rows([row])
+        except Exception as exc:  # noqa: BLE001 - never mask the stage's own error
+            print(f"[{stage}] warning: could not record ops/job_runs: {exc}", file=sys.stderr)
+        print(_summary(run, status, seconds), flush=True)

@@ -1,0 +1,713 @@
+"""The Delta table layer: one API, two engines (DESIGN section 3).
+
+`Warehouse(spark, cfg).table("silver/viewer_events")` returns a `DeltaTable` whose
+methods - create, read, append, overwrite, merge, history, vacuum, optimize - behave the
+same whichever engine runs underneath:
+
+- `spark`: delta-spark's own API (format("delta"), replaceWhere, DeltaTable.merge,
+  OPTIMIZE, VACUUM). Needs the io.delta jars on the Spark classpath.
+- `rs`: delta-rs owns the transaction log and Spark moves the data. Spark writes Parquet
+  into a private staging directory under the table root; the files are moved into the
+  table's partition directories and ONE delta-rs commit (add and remove actions with
+  sizes, record counts and column statistics) makes them visible. A crash before the
+  commit leaves only files no snapshot references; `vacuum` removes them. Data never
+  passes through the driver: only file paths, footers and partition values do.
+
+Either way the tables are plain Delta that delta-spark, delta-rs, DuckDB or polars read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import deltalake
+import pyarrow as pa
+import pyarrow.parquet as pq
+from deltalake.transaction import AddAction, CommitProperties
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from streamrank.config import Config
+from streamrank.errors import SchemaMismatchError, StreamrankError
+from streamrank.schemas import TableSpec, all_table_names, table_spec
+from streamrank.spark import resolve_engine
+
+log = logging.getLogger(__name__)
+
+STAGING_PREFIX = "w-"
+FAULT_ENV = "STREAMRANK_FAULT_BEFORE_COMMIT"  # "<table>:raise" or "<table>:kill", for crash tests
+Where = Mapping[str, Any]  # column -> value or list of values (IN), ANDed
+
+
+class InjectedFault(StreamrankError):
+    """Raised by the test hook between writing files and committing them."""
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What a write did: the version it produced and the rows and files it added/removed."""
+
+    version: int
+    rows_added: int
+    files_added: int
+    files_removed: int
+
+
+# ---------------------------------------------------------------------------------------
+# Schema helpers shared by both engines
+# ---------------------------------------------------------------------------------------
+
+def conform(df: DataFrame, spec: TableSpec, evolve: bool = False) -> DataFrame:
+    """Select `df` in table column order, or fail naming every mismatched column.
+
+    Nullability is not compared (Spark infers it loosely); names and types are. With
+    `evolve=True`, extra columns are allowed (the caller adds them to the table first).
+    """
+    table_types = {f.name: f.dataType for f in spec.schema.fields}
+    frame_types = {f.name: f.dataType for f in df.schema.fields}
+    missing = [c for c in table_types if c not in frame_types]
+    extra = [c for c in frame_types if c not in table_types]
+    wrong = [
+        f"{c} (table {table_types[c].simpleString()}, frame {frame_types[c].simpleString()})"
+        for c in table_types
+        if c in frame_types and not _same_type(table_types[c], frame_types[c])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing columns {missing}")
+    if extra and not evolve:
+        problems.append(f"unexpected columns {extra} (pass evolve=True to add them)")
+    if wrong:
+        problems.append(f"type mismatches {wrong}")
+    if problems:
+        raise SchemaMismatchError(f"write to {spec.name}: " + "; ".join(problems))
+    cols = list(table_types) + (extra if evolve else [])
+    return df.select(*cols)
+
+
+def _same_type(a: T.DataType, b: T.DataType) -> bool:
+    """Type equality ignoring nullability flags inside arrays, maps and structs."""
+    strip = lambda t: json.dumps(_strip_nullability(t.jsonValue()), sort_keys=True)  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def _strip_nullability(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_nullability(v) for k, v in node.items() if k not in ("nullable", "containsNull", "valueContainsNull", "metadata")}
+    if isinstance(node, list):
+        return [_strip_nullability(v) for v in node]
+    return node
+
+
+def _where_column(where: Where) -> Column:
+    cond = F.lit(True)
+    for col, value in where.items():
+        values = list(value) if isinstance(value, (list, tuple, set)) else [value]
+        cond = cond & F.col(col).isin(values)
+    return cond
+
+
+def _where_sql(where: Where) -> str:
+    parts = []
+    for col, value in where.items():
+        values = list(value) if isinstance(value, (list, tuple, set)) else [value]
+        parts.append(f"`{col}` IN ({', '.join(_sql_literal(v) for v in values)})")
+    return " AND ".join(parts) or "true"
+
+
+def _sql_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dt.datetime):
+        return f"TIMESTAMP '{value.isoformat()}'"
+    if isinstance(value, dt.date):
+        return f"DATE '{value.isoformat()}'"
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _to_text(value: Any) -> str | None:
+    """How Delta stores partition values and how we compare them: plain text."""
+    if value is None:
+        return None
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------
+# The public table object
+# ---------------------------------------------------------------------------------------
+
+class DeltaTable:
+    """A warehouse table: schema from schemas/tables, storage at `<root>/<layer>/<table>`."""
+
+    def __init__(self, spark: SparkSession, spec: TableSpec, root: Path, engine: str) -> None:
+        self.spark = spark
+        self.spec = spec
+        self.path = root / spec.name
+        self.engine = engine
+        self.uri = str(self.path)
+
+    def __repr__(self) -> str:
+        return f"DeltaTable({self.spec.name!r}, engine={self.engine!r}, path={self.uri!r})"
+
+    # -- lifecycle -----------------------------------------------------------------
+    def exists(self) -> bool:
+        return deltalake.DeltaTable.is_deltatable(self.uri)
+
+    def create(self) -> bool:
+        """Create the empty table from its schema file if it does not exist; True if created."""
+        if self.exists():
+            return False
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.engine == "spark":
+            from delta.tables import DeltaTable as SparkDeltaTable
+
+            (
+                SparkDeltaTable.createIfNotExists(self.spark)
+                .location(self.uri)
+                .addColumns(self.spec.schema)
+                .partitionedBy(*self.spec.partition_by)
+                .comment(self.spec.description)
+                .execute()
+            )
+        else:
+            try:
+                deltalake.DeltaTable.create(
+                    self.uri,
+                    schema=deltalake.Schema.from_json(self.spec.schema.json()),
+                    partition_by=list(self.spec.partition_by) or None,
+                    mode="error",
+                    name=self.spec.view_name,
+                    description=self.spec.description,
+                )
+            except Exception as exc:  # a concurrent creator won the race: fine
+                if not self.exists():
+                    raise StreamrankError(f"cannot create table {self.spec.name} at {self.uri}: {exc}") from exc
+                return False
+        return True
+
+    def _require(self) -> None:
+        if not self.exists():
+            self.create()
+
+    # -- reads -----------------------------------------------------------------------
+    def version(self) -> int | None:
+        """Latest committed version, or None if the table does not exist yet."""
+        if not self.exists():
+            return None
+        return deltalake.DeltaTable(self.uri).version()
+
+    def _snapshot(self, version: int | None = None, timestamp: dt.datetime | str | None = None) -> deltalake.DeltaTable:
+        self._require()
+        table = deltalake.DeltaTable(self.uri, version=version)
+        if timestamp is not None:
+            table.load_as_version(timestamp)
+        return table
+
+    def read(self, version: int | None = None, timestamp: dt.datetime | str | None = None) -> DataFrame:
+        """The table as a Spark DataFrame: latest, or as of a version or a timestamp."""
+        self._require()
+        if self.engine == "spark":
+            reader = self.spark.read.format("delta")
+            if version is not None:
+                reader = reader.option("versionAsOf", version)
+            if timestamp is not None:
+                reader = reader.option("timestampAsOf", str(timestamp))
+            return reader.load(self.uri)
+        snapshot = self._snapshot(version, timestamp)
+        schema = T.StructType.fromJson(json.loads(snapshot.schema().to_json()))  # the log's, incl. evolved columns
+        files = self._files(snapshot)
+        if not files:
+            return self.spark.createDataFrame([], schema)
+        reader = self.spark.read.schema(schema)
+        if self.spec.partition_by:
+            reader = reader.option("basePath", self.uri)
+        return reader.parquet(*[path for path, _ in files]).select(*schema.fieldNames())
+
+    def to_arrow(self, version: int | None = None) -> pa.Table:
+        """The table without Spark: delta-rs picks the snapshot's files, pyarrow reads them.
+
+        (delta-rs's own to_pyarrow_table needs pyarrow >= 15 for string views; the stack
+        pins pyarrow 14 for Petastorm, so the files are read here with their partition
+        values added back as typed columns.)
+        """
+        schema = arrow_schema(self.spec.schema)
+        pieces = []
+        for path, parts in self._files(self._snapshot(version)):
+            piece = pq.read_table(path)
+            for col in self.spec.partition_by:
+                value = parts[col]
+                arr = pa.array([value] * piece.num_rows, pa.string())
+                piece = piece.append_column(col, arr.cast(schema.field(col).type))
+            pieces.append(piece.select(schema.names).cast(schema))
+        return pa.concat_tables(pieces) if pieces else schema.empty_table()
+
+    def files(self, version: int | None = None) -> list[str]:
+        """Absolute file URIs of a snapshot: exactly what a reader such as Petastorm must read."""
+        if self.engine == "spark":
+            return sorted(self.read(version).inputFiles())
+        return sorted(f"file://{path}" for path, _ in self._files(self._snapshot(version)))
+
+    def _files(self, snapshot: deltalake.DeltaTable) -> list[tuple[str, dict[str, str | None]]]:
+        actions = _add_actions(snapshot)
+        out = []
+        for i, rel in enumerate(actions.get("path", [])):
+            parts = {c: actions.get(f"partition.{c}", [None] * (i + 1))[i] for c in self.spec.partition_by}
+            out.append((str(self.path / unquote(rel)), {k: _to_text(v) for k, v in parts.items()}))
+        return out
+
+    def history(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Commits, newest first: version, timestamp, operation and our commit metadata."""
+        if not self.exists():
+            return []
+        return deltalake.DeltaTable(self.uri).history(limit)
+
+    def txn_version(self, app_id: str) -> int | None:
+        """Last version recorded for an idempotent-writer app id (Delta `txn` action)."""
+        if not self.exists():
+            return None
+        return deltalake.DeltaTable(self.uri).transaction_version(app_id)
+
+    # -- writes --------------------------------------------------------------------
+    def append(self, df: DataFrame, *, evolve: bool = False, commit_info: Mapping[str, Any] | None = None,
+               txn: tuple[str, int] | None = None) -> CommitResult:
+        """Add the rows of `df` in one commit."""
+        return self._write(df, mode="append", where=None, evolve=evolve, commit_info=commit_info, txn=txn)
+
+    def overwrite(self, df: DataFrame, where: Where | None = None, *, evolve: bool = False,
+                  commit_info: Mapping[str, Any] | None = None, txn: tuple[str, int] | None = None) -> CommitResult:
+        """Replace the rows matching `where` (all rows if None) with `df`, atomically.
+
+        `where` maps columns to a value or a list of values, e.g. {"event_date": [d1, d2]}
+        or {"ingest_date": d}; it is Delta's replaceWhere. Every row of `df` must match it,
+        so a re-run for the same partition leaves exactly one copy.
+        """
+        return self._write(df, mode="overwrite", where=where, evolve=evolve, commit_info=commit_info, txn=txn)
+
+    def merge(self, df: DataFrame, keys: Sequence[str], *, commit_info: Mapping[str, Any] | None = None) -> CommitResult:
+        """Upsert `df` on `keys`: matching rows are replaced, new rows inserted.
+
+        A key that appears twice in `df` is an error (which row would win is undefined).
+        """
+        self._require()
+        df = conform(df, self.spec)
+        dupes = df.groupBy(*keys).count().filter("count > 1").limit(5).collect()
+        if dupes:
+            raise StreamrankError(f"merge into {self.spec.name}: source has duplicate keys {keys}, e.g. {[r.asDict() for r in dupes]}")
+        if self.engine == "spark":
+            from delta.tables import DeltaTable as SparkDeltaTable
+
+            cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
+            (
+                SparkDeltaTable.forPath(self.spark, self.uri).alias("t").merge(df.alias("s"), cond)
+                .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute()
+            )
+            return CommitResult(self.version() or 0, -1, -1, -1)
+        snapshot = self._snapshot()
+        files = self._files(snapshot)
+        touched = files
+        pkeys = [k for k in self.spec.partition_by if k in keys]
+        if pkeys:
+            wanted = {tuple(_to_text(r[k]) for k in pkeys) for r in df.select(*pkeys).distinct().collect()}
+            touched = [f for f in files if tuple(f[1][k] for k in pkeys) in wanted]
+        if touched:
+            target = self.spark.read.schema(self.spec.schema)
+            if self.spec.partition_by:
+                target = target.option("basePath", self.uri)
+            current = target.parquet(*[p for p, _ in touched]).select(*self.spec.schema.fieldNames())
+            merged = current.join(df.select(*keys), on=[current[k].eqNullSafe(df[k]) for k in keys], how="left_anti").unionByName(df)
+        else:
+            merged = df
+        return self._rs_commit_frame(snapshot, merged, removes=touched, commit_info=commit_info, operation="MERGE")
+
+    def append_rows(self, rows: Iterable[Mapping[str, Any]], *, commit_info: Mapping[str, Any] | None = None) -> int:
+        """Append a handful of Python rows (ops tables) without a Spark job on the rs engine."""
+        self._require()
+        rows = [dict(r) for r in rows]
+        if not rows:
+            return self.version() or 0
+        unknown = sorted({k for r in rows for k in r} - set(self.spec.schema.fieldNames()))
+        if unknown:
+            raise SchemaMismatchError(f"append_rows to {self.spec.name}: unexpected columns {unknown}")
+        if self.engine == "spark":
+            return self.append(self.spark.createDataFrame(rows, self.spec.schema), commit_info=commit_info).version
+        schema = arrow_schema(self.spec.schema)
+        table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+        deltalake.write_deltalake(
+            self.uri, table, mode="append", partition_by=list(self.spec.partition_by) or None,
+            commit_properties=CommitProperties(custom_metadata=_commit_metadata(commit_info), max_commit_retries=50),
+        )
+        return deltalake.DeltaTable(self.uri).version()
+
+    # -- maintenance -----------------------------------------------------------------
+    def vacuum(self, retention_hours: float = 168.0, dry_run: bool = False) -> list[str]:
+        """Delete files no snapshot within the retention needs, and abandoned staging dirs.
+
+        retention_hours=0 also removes the orphans of a crashed write at once; never run
+        it with 0 while another writer may be between its file write and its commit.
+        """
+        if not self.exists():
+            return []
+        removed = deltalake.DeltaTable(self.uri).vacuum(
+            retention_hours=int(retention_hours), dry_run=dry_run, enforce_retention_duration=False, full=True
+        )
+        removed = [str(self.path / unquote(p)) for p in removed]
+        cutoff = time.time() - retention_hours * 3600
+        for staging in self.path.glob(STAGING_PREFIX + "*"):
+            if staging.is_dir() and staging.stat().st_mtime <= cutoff:
+                removed.append(str(staging))
+                if not dry_run:
+                    shutil.rmtree(staging, ignore_errors=True)
+        return removed
+
+    def optimize(self, target_size: int | None = None) -> dict[str, Any]:
+        """Compact small files (bin-packing) in one commit; data and version history are kept."""
+        self._require()
+        if self.engine == "spark":
+            from delta.tables import DeltaTable as SparkDeltaTable
+
+            SparkDeltaTable.forPath(self.spark, self.uri).optimize().executeCompaction()
+            return {"version": self.version()}
+        return deltalake.DeltaTable(self.uri).optimize.compact(target_size=target_size)
+
+    # -- internals ----------------------------------------------------------------------
+    def _write(self, df: DataFrame, mode: str, where: Where | None, evolve: bool,
+               commit_info: Mapping[str, Any] | None, txn: tuple[str, int] | None) -> CommitResult:
+        self._require()
+        extra = [c for c in df.columns if c not in self.spec.schema.fieldNames()]
+        df = conform(df, self.spec, evolve=evolve)
+        if evolve and extra:
+            self._add_columns(df.schema, extra)
+            df = df.select(*self.spec.schema.fieldNames())
+        if self.engine == "spark":
+            return self._spark_write(df, mode, where, evolve, commit_info, txn)
+        snapshot = self._snapshot()
+        removes: list[tuple[str, dict[str, str | None]]] = []
+        frame = df
+        if mode == "overwrite":
+            removes, rewrite = self._plan_replace(snapshot, where)
+            if rewrite:
+                kept = (
+                    self.spark.read.schema(self.spec.schema).option("basePath", self.uri)
+                    .parquet(*[p for p, _ in rewrite]).select(*self.spec.schema.fieldNames())
+                    .filter(~_where_column(where or {}))
+                )
+                frame = df.unionByName(kept, allowMissingColumns=evolve)
+                removes = removes + rewrite
+        return self._rs_commit_frame(snapshot, frame, removes=removes, commit_info=commit_info, txn=txn,
+                                     operation="WRITE" if mode == "append" else "REPLACE",
+                                     check=(df, where) if where else None)
+
+    def _add_columns(self, schema: T.StructType, extra: list[str]) -> None:
+        new_fields = [f for f in schema.fields if f.name in extra]
+        if self.engine == "rs":
+            deltalake.DeltaTable(self.uri).alter.add_columns(
+                [deltalake.Field.from_json(json.dumps(f.jsonValue())) for f in new_fields]
+            )
+        log.warning("schema evolution on %s: added columns %s", self.spec.name, extra)
+        self.spec = TableSpec(self.spec.name, T.StructType(self.spec.schema.fields + new_fields),
+                              self.spec.partition_by, self.spec.description)
+
+    def _plan_replace(self, snapshot: deltalake.DeltaTable, where: Where | None
+                      ) -> tuple[list[tuple[str, dict[str, str | None]]], list[tuple[str, dict[str, str | None]]]]:
+        """Split current files into those removed whole and those that must be rewritten.
+
+        Partition values decide exactly; for data columns the file statistics do when a
+        file holds a single value (min == max); any other file is read, filtered, rewritten.
+        """
+        files = self._files(snapshot)
+        if not where:
+            return files, []
+        stats = self._file_stats(snapshot)
+        remove, rewrite = [], []
+        for path, parts in files:
+            verdicts = []
+            for col, value in where.items():
+                wanted = {_to_text(v) for v in (value if isinstance(value, (list, tuple, set)) else [value])}
+                if col in self.spec.partition_by:
+                    verdicts.append("all" if parts[col] in wanted else "none")
+                    continue
+                lo, hi = stats.get(path, {}).get(col, (None, None))
+                if lo is not None and lo == hi:
+                    verdicts.append("all" if lo in wanted else "none")
+                else:
+                    verdicts.append("some")
+            if "none" in verdicts:
+                continue
+            (remove if all(v == "all" for v in verdicts) else rewrite).append((path, parts))
+        return remove, rewrite
+
+    def _file_stats(self, snapshot: deltalake.DeltaTable) -> dict[str, dict[str, tuple[str | None, str | None]]]:
+        actions = _add_actions(snapshot)
+        out: dict[str, dict[str, tuple[str | None, str | None]]] = {}
+        for i, rel in enumerate(actions.get("path", [])):
+            cols = {}
+            for c in self.spec.data_columns:
+                lo = actions.get(f"min.{c}", [None] * (i + 1))[i]
+                hi = actions.get(f"max.{c}", [None] * (i + 1))[i]
+                cols[c] = (_to_text(lo), _to_text(hi))
+            out[str(self.path / unquote(rel))] = cols
+        return out
+
+    def _rs_commit_frame(self, snapshot: deltalake.DeltaTable, frame: DataFrame,
+                         removes: list[tuple[str, dict[str, str | None]]], commit_info: Mapping[str, Any] | None,
+                         operation: str, txn: tuple[str, int] | None = None,
+                         check: tuple[DataFrame, Where] | None = None) -> CommitResult:
+        adds, rows = self._stage_files(frame)
+        try:
+            if check:
+                self._check_rows_match(check[0], adds, check[1])
+            _maybe_inject_fault(self.spec.name)
+            now = int(time.time() * 1000)
+            remove_actions = [
+                deltalake.transaction.RemoveAction(
+                    path=os.path.relpath(p, self.path), data_change=True, deletion_timestamp=now,
+                    partition_values=parts or None, size=os.path.getsize(p) if os.path.exists(p) else None,
+                )
+                for p, parts in removes
+            ]
+            commit_id = uuid.uuid4().hex
+            props = CommitProperties(
+                custom_metadata={**_commit_metadata(commit_info, operation), "streamrank.commit_id": commit_id},
+                max_commit_retries=50,
+                app_transactions=[deltalake.transaction.Transaction(txn[0], txn[1], now)] if txn else None,
+            )
+            if not adds and not remove_actions and not txn:
+                return CommitResult(snapshot.version(), 0, 0, 0)
+            snapshot.create_write_transaction(
+                actions=adds + remove_actions, mode="append", schema=snapshot.schema(),
+                partition_by=list(self.spec.partition_by) or None, commit_properties=props,
+            )
+        except BaseException:
+            for add in adds:  # never leave visible-looking debris behind a failed commit
+                Path(self.path, add.path).unlink(missing_ok=True)
+            raise
+        version = _committed_version(self.uri, commit_id, snapshot.version() + 1)
+        return CommitResult(version, rows, len(adds), len(remove_actions))
+
+    def _check_rows_match(self, new_rows: DataFrame, adds: list[AddAction], where: Where) -> None:
+        """Delta's replaceWhere contract: every new row matches the predicate.
+
+        Partition-only predicates are checked for free on the written files' partition
+        values; a predicate on data columns costs one Spark job over the new rows.
+        """
+        dcols = {c: v for c, v in where.items() if c not in self.spec.partition_by}
+        if dcols:
+            if new_rows.filter(~_where_column(where)).limit(1).count():
+                raise StreamrankError(f"overwrite of {self.spec.name} where {_where_sql(where)}: written rows do not all match")
+            return
+        pcols = list(where)
+        for add in adds:
+            for c in pcols:
+                wanted = {_to_text(v) for v in (where[c] if isinstance(where[c], (list, tuple, set)) else [where[c]])}
+                if add.partition_values.get(c) not in wanted:
+                    raise StreamrankError(
+                        f"overwrite of {self.spec.name} where {_where_sql(where)}: written data has {c}={add.partition_values.get(c)}"
+                    )
+
+    def _stage_files(self, frame: DataFrame) -> tuple[list[AddAction], int]:
+        """Spark writes Parquet to a private dir; files move into partition dirs, uncommitted."""
+        staging = self.path / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        writer = frame.write.mode("error")
+        if self.spec.partition_by:
+            writer = writer.partitionBy(*self.spec.partition_by)
+        writer.parquet(str(staging))
+        written = [p for p in staging.rglob("*.parquet") if not any(part.startswith(("_", ".")) for part in p.relative_to(staging).parts)]
+        moves = []
+        for src in written:
+            rel = src.relative_to(staging)
+            dst = self.path / rel.parent / f"part-{uuid.uuid4().hex[:12]}-{rel.name.split('-', 2)[-1]}"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            moves.append((src, dst, rel))
+        for src, dst, _ in moves:
+            os.replace(src, dst)
+        shutil.rmtree(staging, ignore_errors=True)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            adds = list(pool.map(lambda m: self._add_action(m[1]), moves))
+        return adds, sum(json.loads(a.stats)["numRecords"] for a in adds)
+
+    def _add_action(self, path: Path) -> AddAction:
+        rel = path.relative_to(self.path)
+        parts = {}
+        for segment in rel.parts[:-1]:
+            if "=" in segment:
+                key, value = segment.split("=", 1)
+                value = unquote(value)
+                parts[key] = None if value == "__HIVE_DEFAULT_PARTITION__" else value
+        st = path.stat()
+        return AddAction(
+            path=rel.as_posix(), size=st.st_size, partition_values=parts,
+            modification_time=int(st.st_mtime * 1000), data_change=True, stats=json.dumps(parquet_stats(path)),
+        )
+
+    def _spark_write(self, df: DataFrame, mode: str, where: Where | None, evolve: bool,
+                     commit_info: Mapping[str, Any] | None, txn: tuple[str, int] | None) -> CommitResult:
+        writer = df.write.format("delta").mode(mode)
+        if self.spec.partition_by:
+            writer = writer.partitionBy(*self.spec.partition_by)
+        if where:
+            writer = writer.option("replaceWhere", _where_sql(where))
+        if evolve:
+            writer = writer.option("mergeSchema", "true")
+        if commit_info:
+            writer = writer.option("userMetadata", json.dumps(commit_info, default=str))
+        if txn:
+            writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
+        _maybe_inject_fault(self.spec.name)
+        writer.save(self.uri)
+        return CommitResult(self.version() or 0, -1, -1, -1)
+
+
+def _add_actions(snapshot: deltalake.DeltaTable) -> dict[str, list[Any]]:
+    """The snapshot's add actions as Python columns (delta-rs returns an arro3 table)."""
+    return pa.table(snapshot.get_add_actions(flatten=True)).to_pydict()
+
+
+def _committed_version(uri: str, commit_id: str, not_before: int) -> int:
+    """The version our commit landed at, found by its id (other writers may have committed too)."""
+    table = deltalake.DeltaTable(uri)
+    for entry in table.history(50):
+        if entry.get("streamrank.commit_id") == commit_id:
+            return int(entry["version"])
+    return max(table.version(), not_before)
+
+
+def _commit_metadata(commit_info: Mapping[str, Any] | None, operation: str | None = None) -> dict[str, Any]:
+    meta = {"engine": "streamrank-rs"}
+    if operation:
+        meta["streamrank.operation"] = operation
+    if commit_info:
+        meta["userMetadata"] = json.dumps(dict(commit_info), default=str, sort_keys=True)
+    return meta
+
+
+def _maybe_inject_fault(table: str) -> None:
+    """Test hook: STREAMRANK_FAULT_BEFORE_COMMIT=<table>:raise|kill fails between write and commit."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return
+    name, _, action = spec.rpartition(":")
+    if name != table:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFault(f"injected fault before committing {table}")
+
+
+def parquet_stats(path: Path) -> dict[str, Any]:
+    """Delta file statistics (numRecords, minValues, maxValues, nullCount) from the footer."""
+    meta = pq.read_metadata(path)
+    schema = meta.schema.to_arrow_schema()
+    mins: dict[str, Any] = {}
+    maxs: dict[str, Any] = {}
+    nulls: dict[str, int] = {}
+    for ci in range(meta.num_columns):
+        col = meta.schema.column(ci)
+        name = col.path
+        if "." in name:  # nested (arrays): Delta only needs nullCount of leaves; skip
+            continue
+        ftype = schema.field(name).type
+        lo = hi = None
+        null_count = 0
+        ok = True
+        for rg in range(meta.num_row_groups):
+            st = meta.row_group(rg).column(ci).statistics
+            if st is None or not st.has_null_count:
+                ok = False
+                break
+            null_count += st.null_count
+            if st.has_min_max:
+                lo = st.min if lo is None else min(lo, st.min)
+                hi = st.max if hi is None else max(hi, st.max)
+        if not ok:
+            continue
+        nulls[name] = null_count
+        if lo is None or pa.types.is_boolean(ftype) or pa.types.is_binary(ftype):
+            continue
+        if pa.types.is_floating(ftype) and (lo != lo or hi != hi):
+            continue
+        if pa.types.is_string(ftype):
+            if isinstance(lo, bytes):
+                lo, hi = lo.decode("utf-8", "replace"), hi.decode("utf-8", "replace")
+            if len(lo) > 64 or len(hi) > 64:
+                continue
+        mins[name], maxs[name] = _stat_json(lo, ftype, up=False), _stat_json(hi, ftype, up=True)
+    return {"numRecords": meta.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
+
+
+def _stat_json(value: Any, ftype: pa.DataType, up: bool) -> Any:
+    if pa.types.is_timestamp(ftype):
+        if isinstance(value, int):
+            value = dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=value)
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        micros = value.microsecond
+        millis = micros // 1000 + (1 if up and micros % 1000 else 0)
+        value = value.replace(microsecond=0) + dt.timedelta(milliseconds=millis)
+        return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    if pa.types.is_date32(ftype):
+        if isinstance(value, int):
+            value = dt.date(1970, 1, 1) + dt.timedelta(days=value)
+        return value.isoformat()
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    return value
+
+
+def arrow_schema(schema: T.StructType) -> pa.Schema:
+    """The Arrow schema Delta maps a Spark schema to (timestamps: microseconds UTC)."""
+    return pa.schema([pa.field(f.name, _arrow_type(f.dataType), nullable=True) for f in schema.fields])
+
+
+def _arrow_type(t: T.DataType) -> pa.DataType:
+    simple = {
+        T.StringType: pa.string(), T.LongType: pa.int64(), T.IntegerType: pa.int32(), T.ShortType: pa.int16(),
+        T.DoubleType: pa.float64(), T.FloatType: pa.float32(), T.BooleanType: pa.bool_(),
+        T.DateType: pa.date32(), T.TimestampType: pa.timestamp("us", tz="UTC"), T.BinaryType: pa.binary(),
+    }
+    for cls, at in simple.items():
+        if isinstance(t, cls):
+            return at
+    if isinstance(t, T.ArrayType):
+        return pa.list_(_arrow_type(t.elementType))
+    if isinstance(t, T.StructType):
+        return pa.struct([pa.field(f.name, _arrow_type(f.dataType)) for f in t.fields])
+    raise SchemaMismatchError(f"no Arrow mapping for Spark type {t.simpleString()}")
+
+
+class Warehouse:
+    """All tables under `warehouse.root`, on the engine the conf selects."""
+
+    def __init__(self, spark: SparkSession, cfg: Config, engine: str | None = None) -> None:
+        self.spark = spark
+        self.cfg = cfg
+        self.root = cfg.warehouse
+        self.engine = engine or resolve_engine(cfg)
+
+    def table(self, name: str) -> DeltaTable:
+        return DeltaTable(self.spark, table_spec(name), self.root, self.engine)
+
+    def create_all(self) -> list[str]:
+        """Create every table of DESIGN section 4 that does not exist yet; return those created."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return [name for name in all_table_names() if self.table(name).create()]
+
+    def versions(self, names: Iterable[str]) -> dict[str, int | None]:
+        return {name: self.table(name).version() for name in names}

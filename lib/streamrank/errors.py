@@ -1,0 +1,53 @@
+"""Errors that carry their exit code, so every entry point maps failures the same way.
+
+DESIGN section 6: 0 ok; 2 usage or config error; 3 data-quality gate failed; 4 model
+gate not passed; 5 required input missing; 1 anything else.
+"""
+
+from __future__ import annotations
+
+
+class StreamrankError(Exception):
+    """Base error; `exit_code` is what the CLI returns for it."""
+
+    exit_code = 1
+
+
+class UsageError(StreamrankError):
+    """Bad arguments or configuration: the operator must fix the command line or conf."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A configuration key is unknown, mistyped or malformed."""
+
+
+class LockHeldError(UsageError):
+    """Another nightly holds the warehouse lock."""
+
+
+class QualityGateError(StreamrankError):
+    """A critical expectation failed; nothing was published."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, data_docs: str | None = None) -> None:
+        super().__init__(message + (f"\n  data docs: {data_docs}" if data_docs else ""))
+        self.data_docs = data_docs
+
+
+class ModelGateError(StreamrankError):
+    """The challenger did not pass the promotion gate; the champion is unchanged."""
+
+    exit_code = 4
+
+
+class MissingInputError(StreamrankError):
+    """A required input (landing folder, table partition, model alias) is not there."""
+
+    exit_code = 5
+
+
+class SchemaMismatchError(StreamrankError):
+    """A frame written to a table does not match the table's schema."""

@@ -1,0 +1,276 @@
+"""The rs table layer: atomic, idempotent, time-travelling, concurrent-safe, plain Delta."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import deltalake
+import pyarrow.parquet as pq
+import pytest
+from pyspark.sql import functions as F
+from streamrank.delta import InjectedFault, Warehouse
+from streamrank.errors import SchemaMismatchError, StreamrankError
+from streamrank.spark import delta_classes_loaded
+
+REPO = Path(__file__).resolve().parents[2]
+D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
+
+
+def eval_rows(spark, n: int, run_id: str = "r1", dates=(D1, D2, D3)):
+    """n ops/model_eval rows spread over `dates`, with a unique metric name per row."""
+    date_list = ",".join(f"DATE'{d}'" for d in dates)
+    return spark.range(n).select(
+        F.lit(run_id).alias("run_id"), F.lit("m").alias("mlflow_run_id"), F.lit("ranker").alias("model_name"),
+        F.lit("1").alias("model_version"), F.lit("challenger").alias("candidate"),
+        F.concat(F.lit("metric_"), F.col("id").cast("string")).alias("metric"), F.col("id").cast("double").alias("value"),
+        F.timestamp_seconds(F.lit(1_790_000_000) + F.col("id")).alias("recorded_at"),
+        F.expr(f"element_at(array({date_list}), cast(id % {len(dates)} as int) + 1)").alias("run_date"),
+    )
+
+
+def rows_of(df, *cols):
+    return sorted(tuple(r) for r in df.select(*(cols or df.columns)).collect())
+
+
+@pytest.fixture()
+def wh(spark, conf):
+    return Warehouse(spark, conf, engine="rs")
+
+
+def test_create_all_tables_from_schema_files(wh):
+    created = wh.create_all()
+    assert "silver/viewer_events" in created and "gold/user_product_rankings" in created
+    assert wh.create_all() == []  # idempotent
+    table = wh.table("silver/viewer_events")
+    dl = deltalake.DeltaTable(table.uri)
+    assert dl.metadata().partition_columns == ["event_date"]
+    assert [f.name for f in dl.schema().fields] == table.spec.schema.fieldNames()
+    assert table.read().count() == 0
+
+
+def test_append_read_and_interop(spark, wh):
+    table = wh.table("ops/model_eval")
+    res = table.append(eval_rows(spark, 3000))
+    assert res.rows_added == 3000 and res.version == 1
+    expected = rows_of(eval_rows(spark, 3000))
+    assert rows_of(table.read()) == expected
+    # delta-rs picks the files, pyarrow reads them: same rows, no Spark involved
+    arrow = table.to_arrow().to_pandas()
+    assert len(arrow) == 3000
+    assert sorted(arrow["metric"]) == sorted(r[5] for r in expected)
+    assert sorted(str(d) for d in arrow["run_date"].unique()) == [str(D1), str(D2), str(D3)]
+    # the log is plain Delta: protocol, metaData, add actions with stats and record counts
+    log = [json.loads(line) for line in (Path(table.uri) / "_delta_log" / "00000000000000000001.json").read_text().splitlines()]
+    adds = [a["add"] for a in log if "add" in a]
+    assert sum(json.loads(a["stats"])["numRecords"] for a in adds) == 3000
+    assert all(a["partitionValues"]["run_date"] in {str(D1), str(D2), str(D3)} for a in adds)
+    assert all(Path(table.uri, a["path"]).exists() and f"run_date={a['partitionValues']['run_date']}" in a["path"] for a in adds)
+    first = [json.loads(line) for line in (Path(table.uri) / "_delta_log" / "00000000000000000000.json").read_text().splitlines()]
+    protocol = next(a["protocol"] for a in first if "protocol" in a)
+    assert protocol["minReaderVersion"] == 1 and protocol["minWriterVersion"] <= 2
+    # every file readable by plain pyarrow
+    assert sum(pq.read_metadata(f.removeprefix("file://")).num_rows for f in table.files()) == 3000
+
+
+def test_failed_commit_leaves_previous_version_and_vacuum_removes_orphans(spark, wh, monkeypatch):
+    table = wh.table("ops/model_eval")
+    table.append(eval_rows(spark, 100))
+    before = rows_of(table.read())
+    monkeypatch.setenv("STREAMRANK_FAULT_BEFORE_COMMIT", "ops/model_eval:raise")
+    with pytest.raises(InjectedFault):
+        table.append(eval_rows(spark, 50, run_id="r2"))
+    monkeypatch.delenv("STREAMRANK_FAULT_BEFORE_COMMIT")
+    assert table.version() == 1
+    assert rows_of(table.read()) == before
+
+
+def test_killed_writer_leaves_invisible_orphans_that_vacuum_removes(spark, wh, conf, tmp_path):
+    table = wh.table("ops/model_eval")
+    table.append(eval_rows(spark, 100))
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from streamrank.config import load_config
+        from streamrank.spark import build_session
+        from streamrank.delta import Warehouse
+        from test_delta import eval_rows
+        cfg = load_config(None, ["spark.master=local[1]", "warehouse.root={conf.warehouse}"], env={{}})
+        spark = build_session(cfg)
+        Warehouse(spark, cfg, engine="rs").table("ops/model_eval").append(eval_rows(spark, 500, run_id="killed"))
+    """)
+    env = {**os.environ, "STREAMRANK_FAULT_BEFORE_COMMIT": "ops/model_eval:kill"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    on_disk = {str(p) for p in Path(table.uri).rglob("*.parquet")}
+    visible = {f.removeprefix("file://") for f in table.files()}
+    orphans = on_disk - visible
+    assert orphans, "the killed writer should have left uncommitted files"
+    assert table.version() == 1 and table.read().count() == 100
+    assert table.read().filter("run_id = 'killed'").count() == 0
+    removed = table.vacuum(retention_hours=0)
+    assert orphans <= set(removed)
+    assert not any(Path(p).exists() for p in orphans)
+    assert table.read().count() == 100
+
+
+def test_overwrite_partition_twice_leaves_one_copy(spark, wh):
+    table = wh.table("ops/model_eval")
+    table.append(eval_rows(spark, 300))
+    day2 = eval_rows(spark, 300).filter(F.col("run_date") == D2).withColumn("value", F.lit(7.0))
+    table.overwrite(day2, where={"run_date": D2})
+    table.overwrite(day2, where={"run_date": D2})
+    assert table.read().filter(F.col("run_date") == D2).count() == 100
+    assert table.read().filter(F.col("run_date") == D2).agg(F.min("value")).first()[0] == 7.0
+    assert table.read().count() == 300
+    with pytest.raises(StreamrankError, match="written data has run_date=2026-11-01"):
+        table.overwrite(eval_rows(spark, 30), where={"run_date": D2})
+    assert table.read().count() == 300
+
+
+def test_replace_where_on_data_column_rewrites_only_matching_rows(spark, wh):
+    table = wh.table("ops/model_eval")
+    table.append(eval_rows(spark, 90, run_id="a"))
+    table.append(eval_rows(spark, 60, run_id="b"))
+    replacement = eval_rows(spark, 10, run_id="a")
+    res = table.overwrite(replacement, where={"run_id": "a"})
+    assert res.files_removed > 0
+    counts = dict(table.read().groupBy("run_id").count().collect())
+    assert counts == {"a": 10, "b": 60}
+
+
+def test_time_travel_by_version_and_timestamp(spark, wh):
+    table = wh.table("ops/model_eval")
+    table.append(eval_rows(spark, 30))
+    v1_rows = rows_of(table.read())
+    time.sleep(1.1)
+    stamp = dt.datetime.now(dt.UTC)
+    time.sleep(1.1)
+    table.overwrite(eval_rows(spark, 5, run_id="new", dates=(D1,)), where={"run_date": D1})
+    assert rows_of(table.read(version=1)) == v1_rows
+    assert rows_of(table.read(timestamp=stamp)) == v1_rows
+    assert table.read().count() == 25
+    assert [h["version"] for h in table.history()] [:2] == [2, 1]
+
+
+def test_merge_upserts_on_keys(spark, wh):
+    table = wh.table("ops/model_eval")
+    table.append(eval_rows(spark, 20))
+    changes = eval_rows(spark, 25).filter("value >= 15").withColumn("value", F.col("value") + 1000)
+    table.merge(changes, keys=["run_id", "metric", "run_date"])
+    got = dict((r.metric, r.value) for r in table.read().collect())
+    assert len(got) == 25
+    assert got["metric_3"] == 3.0 and got["metric_15"] == 1015.0 and got["metric_24"] == 1024.0
+    with pytest.raises(StreamrankError, match="duplicate keys"):
+        table.merge(changes.unionByName(changes), keys=["run_id", "metric", "run_date"])
+
+
+def test_schema_enforcement_names_columns(spark, wh):
+    table = wh.table("ops/model_eval")
+    bad = eval_rows(spark, 3).withColumn("value", F.col("value").cast("string")).drop("candidate").withColumn("extra", F.lit(1))
+    with pytest.raises(SchemaMismatchError) as err:
+        table.append(bad)
+    msg = str(err.value)
+    assert "missing columns ['candidate']" in msg and "unexpected columns ['extra']" in msg
+    assert "value (table double, frame string)" in msg
+    assert table.version() == 0
+
+
+def test_schema_evolution_only_when_asked(spark, wh):
+    table = wh.table("ops/model_eval")
+    table.append(eval_rows(spark, 3))
+    table.append(eval_rows(spark, 3).withColumn("note", F.lit("x")), evolve=True)
+    df = table.read()
+    assert "note" in df.columns
+    assert sorted(r.note for r in df.collect() if r.note) == ["x", "x", "x"]
+    assert df.count() == 6
+
+
+def test_concurrent_appends_from_two_processes(wh, conf):
+    table = wh.table("ops/job_runs")
+    table.create()
+    script = textwrap.dedent(f"""
+        import datetime as dt, sys
+        from streamrank.config import load_config
+        from streamrank.delta import Warehouse
+        cfg = load_config(None, ["warehouse.root={conf.warehouse}"], env={{}})
+        t = Warehouse(None, cfg, engine="rs").table("ops/job_runs")
+        tag = sys.argv[1]
+        for i in range(15):
+            t.append_rows([{{"run_id": f"{{tag}}-{{i}}-{{j}}", "stage": tag, "run_date": dt.date(2026, 11, 1)}} for j in range(20)])
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, tag]) for tag in ("p1", "p2")]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    ids = [r["run_id"] for r in table.to_arrow().to_pylist()]
+    assert len(ids) == 600 and len(set(ids)) == 600
+
+
+def test_concurrent_spark_appends_both_land(spark, wh):
+    table = wh.table("ops/model_eval")
+    table.create()
+    errors = []
+
+    def work(tag):
+        try:
+            table.append(eval_rows(spark, 200, run_id=tag))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in ("t1", "t2")]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    assert dict(table.read().groupBy("run_id").count().collect()) == {"t1": 200, "t2": 200}
+    assert table.version() == 2
+
+
+def test_optimize_compacts_and_keeps_rows(spark, wh):
+    table = wh.table("ops/model_eval")
+    for i in range(4):
+        table.append(eval_rows(spark, 50, run_id=f"r{i}"))
+    before = rows_of(table.read())
+    files_before = len(table.files())
+    table.optimize()
+    assert len(table.files()) < files_before
+    assert rows_of(table.read()) == before
+
+
+def test_large_write_with_small_driver(conf, tmp_path):
+    """5M rows with a 1g driver: data must never go through the driver."""
+    script = textwrap.dedent(f"""
+        from pyspark.sql import functions as F
+        from streamrank.config import load_config
+        from streamrank.spark import build_session
+        from streamrank.delta import Warehouse
+        cfg = load_config(None, ["spark.master=local[2]", "spark.driver_memory=1g", "warehouse.root={conf.warehouse}"], env={{}})
+        spark = build_session(cfg)
+        assert spark.conf.get("spark.driver.memory") == "1g"
+        df = spark.range(5_000_000).select(
+            F.concat(F.lit("v"), F.col("id").cast("string")).alias("viewer_id"),
+            (F.col("id") % 97).cast("double").alias("intent_score"), F.rand(1).alias("purchase_power"),
+            F.lit("1").alias("model_version"), F.lit("run").alias("run_id"),
+            F.expr("date_add(DATE'2026-11-01', cast(id % 2 as int))").alias("score_date"))
+        t = Warehouse(spark, cfg, engine="rs").table("gold/user_intent_scores")
+        res = t.append(df)
+        print("ROWS", res.rows_added, t.read().count())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ROWS 5000000 5000000" in proc.stdout
+
+
+def test_spark_engine_when_delta_jars_load(spark, conf):
+    if not delta_classes_loaded(spark):
+        pytest.skip("spark engine: io.delta classes cannot load here (no Maven access, no local Delta jars)")
+    wh = Warehouse(spark, conf, engine="spark")
+    table = wh.table("ops/model_eval")
+    table.append(eval_rows(spark, 30))
+    table.overwrite(eval_rows(spark, 30).filter(F.col("run_date") == D1), where={"run_date": D1})
+    assert table.read().count() == 30
+    assert deltalake.DeltaTable(table.uri).version() >= 1

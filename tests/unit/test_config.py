@@ -1,0 +1,69 @@
+"""Configuration: layering and exit-2 validation of keys, types and dates."""
+
+from __future__ import annotations
+
+import pytest
+from streamrank.cli import main
+from streamrank.config import load_config, parse_date
+from streamrank.errors import ConfigError
+
+
+def test_layers_file_then_env_then_set(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("spark:\n  master: local[3]\nscore:\n  top_k: 7\ntrain:\n  lr: 0.5\n")
+    cfg = load_config(conf, ["train.lr=0.25"], env={"STREAMRANK_SCORE__TOP_K": "9", "STREAMRANK_TRAIN__LR": "0.4"})
+    assert cfg["spark.master"] == "local[3]"      # file beats default
+    assert cfg["score.top_k"] == 9                 # env beats file
+    assert cfg["train.lr"] == 0.25                 # --set beats env
+    assert cfg["model.d_model"] == 64              # untouched default
+    assert cfg.mlflow_tracking_uri.startswith("sqlite:///") and cfg.mlflow_tracking_uri.endswith("mlflow.db")
+
+
+def test_cluster_example_is_valid():
+    cfg = load_config("conf/cluster.yaml", env={})
+    assert cfg["delta.engine"] == "spark"
+    assert cfg["spark.extra"]["spark.executor.resource.gpu.amount"] == "1"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("sprak.master=local", "unknown config key 'sprak'"),
+        ("spark.masterr=local", "unknown config key 'spark.masterr'"),
+        ("train.lr=fast", "'train.lr' (--set train.lr): expected a number"),
+        ("score.top_k=1.5", "'score.top_k' (--set score.top_k): expected an integer"),
+        ("delta.engine=duckdb", "'delta.engine': expected one of auto, spark, rs"),
+        ("noequals", "expected key=value"),
+    ],
+)
+def test_bad_override_names_key(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override], env={})
+    assert needle in str(err.value)
+
+
+def test_bad_env_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="env STREAMRANK_SCORE__TOP_K"):
+        load_config(None, env={"STREAMRANK_SCORE__TOP_K": "many"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spark:\n  mastr: x\n")
+    with pytest.raises(ConfigError, match="unknown config key 'spark.mastr'"):
+        load_config(bad, env={})
+
+
+@pytest.mark.parametrize("value", ["2026-1-01", "20261101", "2026-02-30", "yesterday"])
+def test_dates_are_strict(value):
+    with pytest.raises(ConfigError, match="YYYY-MM-DD|valid calendar date"):
+        parse_date(value)
+
+
+def test_cli_exit_2_names_the_key(capsys):
+    assert main(["init", "--set", "warehouse.rot=/tmp/x"]) == 2
+    assert "unknown config key 'warehouse.rot'" in capsys.readouterr().err
+
+
+def test_cli_malformed_date_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--start", "2026-13-01"])
+    assert exit_.value.code == 2
+    assert "'2026-13-01' is not a valid calendar date" in capsys.readouterr().err
