@@ -60,6 +60,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streamrank.demo import demo
+
+    return demo(_context(args), args.start, args.days, args.scale, args.seed)
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     from streamrank.analyst import run_sql
 
@@ -101,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=1)
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--faults", action="store_true")
+    p.add_argument("--seed", type=int, default=7)
+
+    p = add("demo", cmd_demo, "generate a week of synthetic data and run the nightly for each day")
+    p.add_argument("--start", required=True, type=_date)
+    p.add_argument("--days", type=int, default=7)
+    p.add_argument("--scale", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=7)
 
     p = add("sql", cmd_sql, "run Spark SQL over every table (views named <layer>_<table>)")

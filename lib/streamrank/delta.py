@@ -259,11 +259,23 @@ class DeltaTable:
             pieces.append(piece.select(schema.names).cast(schema))
         return pa.concat_tables(pieces) if pieces else schema.empty_table()
 
-    def files(self, version: int | None = None) -> list[str]:
-        """Absolute file URIs of a snapshot: exactly what a reader such as Petastorm must read."""
+    def files(self, version: int | None = None, partitions: Where | None = None) -> list[str]:
+        """Absolute file URIs of a snapshot (optionally of some partitions only): exactly what
+        a reader such as Petastorm must read, nothing a concurrent writer has not committed."""
         if self.engine == "spark":
-            return sorted(self.read(version).inputFiles())
-        return sorted(f"file://{path}" for path, _ in self._files(self._snapshot(version)))
+            df = self.read(version)
+            if partitions:
+                df = df.filter(_where_column(partitions))
+            return sorted(df.inputFiles())
+        wanted = {c: {_to_text(v) for v in (vals if isinstance(vals, (list, tuple, set)) else [vals])}
+                  for c, vals in (partitions or {}).items()}
+        unknown = sorted(set(wanted) - set(self.spec.partition_by))
+        if unknown:
+            raise StreamrankError(f"files of {self.spec.name}: {unknown} are not partition columns {list(self.spec.partition_by)}")
+        return sorted(
+            f"file://{path}" for path, parts in self._files(self._snapshot(version))
+            if all(parts[c] in vals for c, vals in wanted.items())
+        )
 
     def _files(self, snapshot: deltalake.DeltaTable) -> list[tuple[str, dict[str, str | None]]]:
         actions = _add_actions(snapshot)

@@ -51,3 +51,11 @@ class MissingInputError(StreamrankError):
 
 class SchemaMismatchError(StreamrankError):
     """A frame written to a table does not match the table's schema."""
+
+
+class InsufficientHistoryError(MissingInputError):
+    """Too little history to train (a new warehouse's first nights); the nightly goes on."""
+
+
+class NoChampionError(MissingInputError):
+    """No model holds the `champion` alias yet, so there is nothing to score with."""

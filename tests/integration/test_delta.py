@@ -16,6 +16,7 @@ import deltalake
 import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
+
 from streamrank.delta import InjectedFault, Warehouse
 from streamrank.errors import SchemaMismatchError, StreamrankError
 from streamrank.spark import delta_classes_loaded

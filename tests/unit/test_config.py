@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from streamrank.cli import main
 from streamrank.config import load_config, parse_date
 from streamrank.errors import ConfigError

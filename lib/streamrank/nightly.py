@@ -1,0 +1,87 @@
+"""The night in order: ingest -> clean -> features -> train -> evaluate -> promote -> score -> report.
+
+Resumable: a stage that already succeeded for D (ops/job_runs) is skipped unless
+--force; --from STAGE restarts there. A promotion gate that says no (exit 4) is not a
+failed night: scoring goes on with the current champion. Any other failure stops the
+night with that stage's exit code. One nightly per warehouse at a time (lock.py).
+
+Bootstrap: on a new warehouse's first nights there is no history to train on
+(InsufficientHistoryError): evaluate and promote are skipped and scoring runs if a
+champion exists; with no champion yet (NoChampionError) nothing is scored. Both are
+reported in ops/job_runs and the night still succeeds, because the data stages did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+
+from streamrank.context import Context, stage_run
+from streamrank.errors import InsufficientHistoryError, ModelGateError, NoChampionError, StreamrankError, UsageError
+from streamrank.lock import WarehouseLock
+
+STAGE_ORDER = ["ingest", "clean", "features", "train", "evaluate", "promote", "score", "report"]
+
+
+def succeeded_stages(ctx: Context, date: dt.date) -> set[str]:
+    """Stages with a success row in ops/job_runs for D (read without Spark)."""
+    runs = ctx.table("ops/job_runs").to_arrow().to_pylist()
+    return {r["stage"] for r in runs if r["run_date"] == date and r["status"] == "success"}
+
+
+def plan(done: set[str], force: bool, from_stage: str | None) -> list[tuple[str, bool]]:
+    """(stage, run?) for every stage, in order: the pure part of resumption."""
+    if from_stage is not None and from_stage not in STAGE_ORDER:
+        raise UsageError(f"--from {from_stage!r}: expected one of {', '.join(STAGE_ORDER)}")
+    start = STAGE_ORDER.index(from_stage) if from_stage else 0
+    out = []
+    for i, stage in enumerate(STAGE_ORDER):
+        if i < start:
+            out.append((stage, False))
+        elif force or from_stage is not None:
+            out.append((stage, True))
+        else:
+            out.append((stage, stage not in done))
+    return out
+
+
+def run_stage(ctx: Context, stage: str, date: dt.date) -> int:
+    module = importlib.import_module(f"streamrank.{stage}")
+    return int(module.run(ctx, argparse.Namespace(date=date, version=None, force=False, reason=None, rollback=False)) or 0)
+
+
+def nightly(ctx: Context, date: dt.date, force: bool = False, from_stage: str | None = None) -> int:
+    with WarehouseLock(ctx.cfg.warehouse, "nightly", ctx.run_id), stage_run(ctx, "nightly", date) as night:
+        steps = plan(succeeded_stages(ctx, date), force, from_stage)
+        skip_model = False
+        for stage, todo in steps:
+            if skip_model and stage in ("evaluate", "promote"):
+                night.metrics[stage] = "skipped"
+                continue
+            if not todo:
+                print(f"[nightly] {stage}: already succeeded for {date}, skipped (use --force or --from)")
+                night.metrics[stage] = "skipped"
+                continue
+            try:
+                run_stage(ctx, stage, date)
+                night.metrics[stage] = "ok"
+            except ModelGateError as exc:
+                night.metrics[stage] = "gate_not_passed"
+                print(f"[nightly] promote: {str(exc).splitlines()[0]} - scoring goes on with the current champion")
+            except InsufficientHistoryError as exc:
+                # a new warehouse's first nights: nothing to train on yet, the data stages still ran
+                night.metrics[stage] = "insufficient_history"
+                print(f"[nightly] {stage}: {str(exc).splitlines()[0]} - model stages skipped tonight")
+                skip_model = True
+            except NoChampionError as exc:
+                night.metrics[stage] = "no_champion"
+                print(f"[nightly] {stage}: {str(exc).splitlines()[0]} - nothing published tonight")
+            except StreamrankError:
+                night.metrics[stage] = "failed"
+                raise
+    return 0
+
+
+def run(ctx: Context, args: argparse.Namespace) -> int:
+    return nightly(ctx, args.date, force=getattr(args, "force", False), from_stage=getattr(args, "from_stage", None))

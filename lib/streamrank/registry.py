@@ -1,0 +1,105 @@
+"""MLflow wiring: one tracking/registry setup and the alias operations promotion needs.
+
+The embedded default is a sqlite store under the warehouse with artifacts on local disk,
+so a laptop run is self-contained; conf/cluster.yaml points the same code at a server.
+Aliases, not stages, carry meaning: `challenger` is the latest trained model, `champion`
+is what scoring uses, `previous` is the champion before the last promotion (rollback).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from streamrank.config import REPO_ROOT, Config
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+
+
+def setup_mlflow(cfg: Config) -> str:
+    """Point MLflow at the configured stores and return the experiment id."""
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    import mlflow
+
+    if cfg.mlflow_tracking_uri.startswith("sqlite:///"):
+        Path(cfg.mlflow_tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
+    mlflow.set_registry_uri(cfg.mlflow_registry_uri)
+    name = cfg["mlflow.experiment"]
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return mlflow.create_experiment(name, artifact_location=cfg.mlflow_artifact_root)
+        except Exception:  # noqa: BLE001 - another process created it first
+            experiment = mlflow.get_experiment_by_name(name)
+    mlflow.set_experiment(name)
+    return experiment.experiment_id
+
+
+def client(cfg: Config):  # noqa: ANN201 - MlflowClient
+    setup_mlflow(cfg)
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model version and the run that produced it."""
+
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def by_alias(cfg: Config, alias: str) -> ModelRef | None:
+    """The version holding `alias`, or None when no version has it."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(cfg)
+    name = cfg["mlflow.model_name"]
+    try:
+        mv = c.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return ModelRef(name, str(mv.version), mv.run_id, dict(mv.tags or {}))
+
+
+def by_version(cfg: Config, version: int | str) -> ModelRef | None:
+    from mlflow.exceptions import MlflowException
+
+    c = client(cfg)
+    name = cfg["mlflow.model_name"]
+    try:
+        mv = c.get_model_version(name, str(version))
+    except MlflowException:
+        return None
+    return ModelRef(name, str(mv.version), mv.run_id, dict(mv.tags or {}))
+
+
+def set_alias(cfg: Config, alias: str, version: str) -> None:
+    client(cfg).set_registered_model_alias(cfg["mlflow.model_name"], alias, str(version))
+
+
+def tag_version(cfg: Config, version: str, tags: dict[str, Any]) -> None:
+    c = client(cfg)
+    for key, value in tags.items():
+        c.set_model_version_tag(cfg["mlflow.model_name"], str(version), key, str(value))
+
+
+def git_commit() -> str:
+    """The code version a model was trained with ('unknown' outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

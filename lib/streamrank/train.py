@@ -1,0 +1,146 @@
+"""`streamrank train --date D`: gold/training_examples -> Petastorm -> torch -> MLflow challenger.
+
+The driver only decides WHAT to train on: the exact Parquet files of the
+gold/training_examples snapshot for as_of_date D (its Delta version is recorded) and the
+vocabularies of D. The worker (train_worker.py) needs nothing but that file list and a
+plain conf dict, so it runs in-process, under TorchDistributor, or on a GPU box alike.
+The result is logged to MLflow (params, conf, per-epoch metrics, table version, git
+commit, the pyfunc model with signature and input example), registered under the
+conf's model name and given the alias `challenger`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import functions as F
+
+from streamrank.context import Context, stage_run
+from streamrank.errors import InsufficientHistoryError, MissingInputError, StreamrankError
+from streamrank.registry import CHALLENGER, git_commit, set_alias, setup_mlflow, tag_version
+
+TRAINING_TABLE = "gold/training_examples"
+
+
+class TrainingDivergedError(StreamrankError):
+    """The loss became NaN or inf: nothing is registered (exit 1)."""
+
+
+def export_vocab(ctx: Context, date: dt.date, out: Path) -> Path:
+    """Write the vocabularies of D (and product -> category index) as the model's vocab.json."""
+    vocab = ctx.table("gold/vocabularies").read().filter(F.col("as_of_date") == F.lit(date))
+    rows = vocab.select("kind", "token", "idx").collect()
+    if not rows:
+        raise MissingInputError(f"gold/vocabularies has no rows for as_of_date {date}; run `streamrank features --date {date}`")
+    kinds: dict[str, dict[str, int]] = {"product": {}, "category": {}, "event": {}}
+    for r in rows:
+        kinds.setdefault(r.kind, {})[r.token] = int(r.idx)
+    products = ctx.table("bronze/products").read().filter(F.col("snapshot_date") <= F.lit(date))
+    latest = products.groupBy("product_id").agg(F.max_by("category", "snapshot_date").alias("category"))
+    n_products = max(kinds["product"].values(), default=1) + 1
+    product_category = [1] * n_products
+    product_category[0] = 0
+    for r in latest.collect():
+        idx = kinds["product"].get(r.product_id)
+        if idx is not None:
+            product_category[idx] = kinds["category"].get(r.category, 1)
+    doc = {**kinds, "product_category": product_category, "as_of_date": date.isoformat()}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "vocab.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _use_gpu(setting: Any) -> bool:
+    import torch
+
+    if str(setting).lower() == "auto":
+        return torch.cuda.is_available()
+    return str(setting).lower() in ("true", "1", "yes")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def train(ctx: Context, date: dt.date) -> dict[str, Any]:
+    import mlflow
+
+    from streamrank.pyfunc_model import log_model
+    from streamrank.train_worker import NonFiniteLossError, run_training
+
+    with stage_run(ctx, "train", date) as run:
+        table = ctx.table(TRAINING_TABLE)
+        version = table.version()
+        files = table.files(version, partitions={"as_of_date": date})
+        run.read(TRAINING_TABLE, version)
+        if not files:
+            raise InsufficientHistoryError(f"{TRAINING_TABLE} has no files for as_of_date {date} (version {version}): nothing to train on")
+        splits = dict(table.read(version).filter(F.col("as_of_date") == F.lit(date)).groupBy("split").count().collect())
+        run.metrics.update({f"{k}_rows": v for k, v in splits.items()})
+        if not splits.get("train") or not splits.get("valid"):
+            raise InsufficientHistoryError(
+                f"{TRAINING_TABLE} as_of_date {date} has {splits.get('train', 0)} train and {splits.get('valid', 0)} valid rows; "
+                "both are needed (a new warehouse needs a few days of history)"
+            )
+        work = Path(tempfile.mkdtemp(prefix=f"train-{date}-", dir=ctx.cfg.warehouse))
+        try:
+            vocab_path = export_vocab(ctx, date, work)
+            conf = ctx.cfg.to_dict()
+            conf["model"] = {**conf["model"], "seq_len": ctx.cfg["features.seq_len"], "vocab_path": str(vocab_path)}
+            setup_mlflow(ctx.cfg)
+            with mlflow.start_run(run_name=f"train-{date}") as active:
+                run.mlflow_run_id = active.info.run_id
+                mlflow.set_tags({"stage": "train", "as_of_date": date.isoformat(), "git_commit": git_commit(),
+                                 "training_table": TRAINING_TABLE, "training_table_version": str(version),
+                                 "streamrank_run_id": ctx.run_id})
+                mlflow.log_params({k: v for k, v in _flat({"model": conf["model"], "train": conf["train"]}).items()
+                                   if k != "model.vocab_path"})
+                mlflow.log_params({"training_table_version": version, "training_files": len(files), **run.metrics})
+                mlflow.log_dict(ctx.cfg.to_dict(), "conf.json")
+                try:
+                    metrics = run_training(files, conf, str(work / "out"), int(ctx.cfg["train.num_processes"]),
+                                           _use_gpu(ctx.cfg["train.use_gpu"]))
+                except NonFiniteLossError as exc:
+                    mlflow.set_tags({"diverged": "true", "diverged_step": str(exc.step), "diverged_epoch": str(exc.epoch)})
+                    raise TrainingDivergedError(f"training loss became non-finite at epoch {exc.epoch} step {exc.step}; "
+                                                "nothing registered") from exc
+                for epoch in metrics.get("epochs", []):
+                    mlflow.log_metrics({k: float(v) for k, v in epoch.items()
+                                        if isinstance(v, (int, float)) and v is not None and k != "epoch"},
+                                       step=int(epoch.get("epoch", 0)))
+                summary = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                mlflow.log_metrics({f"best_{k}" if not k.startswith("best_") else k: v for k, v in summary.items()})
+                mlflow.log_dict(metrics, "train_metrics.json")
+                calibrator = work / "out" / "calibrator.json"
+                info = log_model(str(work / "out"), str(vocab_path), None,
+                                 registered_model_name=ctx.cfg["mlflow.model_name"],
+                                 calibrator_path=str(calibrator) if calibrator.exists() else None)
+                model_version = str(info.registered_model_version)
+                set_alias(ctx.cfg, CHALLENGER, model_version)
+                tag_version(ctx.cfg, model_version, {"as_of_date": date, "training_table_version": version,
+                                                     "git_commit": git_commit(), "streamrank_run_id": ctx.run_id})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        keep = ("ndcg_at_10", "hr_at_10", "intent_auc", "samples_per_s", "best_epoch")
+        run.metrics.update({k: round(metrics[k], 4) if isinstance(metrics.get(k), float) else metrics.get(k) for k in keep})
+        run.metrics["model_version"] = model_version
+        run.message = f"registered {ctx.cfg['mlflow.model_name']} v{model_version} as {CHALLENGER}"
+        return {**metrics, "model_version": model_version, "mlflow_run_id": run.mlflow_run_id, "training_table_version": version}
+
+
+def run(ctx: Context, args: argparse.Namespace) -> int:
+    train(ctx, args.date)
+    return 0

@@ -1,0 +1,65 @@
+"""The whole nightly at two scales, and how its time grows with the data.
+
+Each scale gets its own landing + warehouse: three days are generated and the nightly
+runs for each (the first nights bootstrap the model); the third night is timed. The
+scaling exponent log(t_big / t_small) / log(big / small) says how time grows with
+volume: 1.0 is linear, the target is <= 1.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import time
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+
+from streamrank.config import Config
+from streamrank.context import Context
+from streamrank.generate import generate
+from streamrank.nightly import nightly
+
+START = dt.date(2026, 11, 1)
+DAYS = 3
+
+
+def time_nightly(spark: SparkSession, cfg: Config, workdir: Path, scale: float) -> tuple[float, float]:
+    """Seconds of the last of DAYS nights at `scale`, and of a plain JSON->Parquet copy of that day."""
+    root = workdir / f"scale_{scale}"
+    run_cfg = cfg.with_overrides({"warehouse.root": str(root / "warehouse"), "landing.root": str(root / "landing"),
+                                  "train.max_epochs": 3})
+    generate(run_cfg.landing, START, DAYS, scale=scale, faults=True, seed=11)
+    ctx = Context(run_cfg)
+    for i in range(DAYS - 1):
+        nightly(ctx, START + dt.timedelta(days=i))
+    last = START + dt.timedelta(days=DAYS - 1)
+    t0 = time.perf_counter()
+    nightly(ctx, last)
+    ours = time.perf_counter() - t0
+    files = sorted(str(p) for p in (run_cfg.landing / "events" / f"date={last}").glob("*.jsonl*") if p.stat().st_size)
+    t0 = time.perf_counter()
+    spark.read.json(files).write.mode("overwrite").parquet(str(root / "plain_copy"))
+    return ours, time.perf_counter() - t0
+
+
+def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool, scales: tuple[float, float] | None = None) -> list[dict]:
+    small, big = scales or ((0.05, 0.2) if quick else (1.0, 4.0))
+    t_small, copy_small = time_nightly(spark, cfg, workdir, small)
+    t_big, _ = time_nightly(spark, cfg, workdir, big)
+    exponent = math.log(t_big / t_small) / math.log(big / small)
+    return [
+        {"name": "nightly_scale_1", "ours_s": t_small, "reference": f"plain JSON->Parquet copy of the day (scale {small})",
+         "reference_s": copy_small, "ratio": t_small / copy_small, "target": None, "ok": True},
+        {"name": "nightly_scaling", "ours_s": t_big, "reference": f"nightly at scale {small} vs {big}: exponent",
+         "reference_s": t_small, "ratio": exponent, "target": 1.1, "ok": exponent <= 1.1},
+    ]
+
+
+if __name__ == "__main__":
+    from benchmarks_common import standalone
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    standalone(run, parser.parse_args().quick)

@@ -1,0 +1,31 @@
+"""Shared by the benchmark scripts: a session, a scratch dir, the result table."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from streamrank.config import load_config
+from streamrank.spark import build_session
+
+COLUMNS = ("name", "ours_s", "reference", "reference_s", "ratio", "target", "ok")
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = f"{'name':16s} {'ours_s':>9s} {'reference_s':>11s} {'ratio':>8s} {'target':>8s}  ok   reference"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['name']:16s} {r['ours_s']:9.2f} {r['reference_s']:11.2f} {r['ratio']:8.3f} {str(r['target']):>8s}  "
+                     f"{'yes' if r['ok'] else 'NO ':3s}  {r['reference']}")
+    return "\n".join(lines)
+
+
+def standalone(run: Callable, quick: bool) -> None:
+    cfg = load_config(None, ["spark.master=local[2]"])
+    spark = build_session(cfg)
+    with tempfile.TemporaryDirectory(prefix="streamrank-bench-") as tmp:
+        rows = run(spark, cfg, Path(tmp), quick)
+    print(format_rows(rows))
+    print(json.dumps(rows, indent=1, default=str))
