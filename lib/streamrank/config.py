@@ -137,6 +137,11 @@ def _type_name(value: Any) -> str:
 
 def _coerce(key: str, default: Any, value: Any, origin: str) -> Any:
     """Check `value` against the type of the schema's `default`, parsing text from env/--set."""
+    if default is None:  # an optional setting (null in the schema): any scalar, parsed as YAML
+        value = yaml.safe_load(value) if isinstance(value, str) else value
+        if isinstance(value, (Mapping, list)):
+            raise ConfigError(f"config key {key!r} ({origin}): expected a single value, got {value!r}")
+        return value
     if isinstance(value, str) and not isinstance(default, str):
         try:
             value = yaml.safe_load(value)

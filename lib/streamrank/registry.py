@@ -33,11 +33,10 @@ def setup_mlflow(cfg: Config) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return mlflow.create_experiment(name, artifact_location=cfg.mlflow_artifact_root)
+            mlflow.create_experiment(name, artifact_location=cfg.mlflow_artifact_root)
         except Exception:  # noqa: BLE001 - another process created it first
-            experiment = mlflow.get_experiment_by_name(name)
-    mlflow.set_experiment(name)
-    return experiment.experiment_id
+            pass
+    return mlflow.set_experiment(name).experiment_id
 
 
 def client(cfg: Config):  # noqa: ANN201 - MlflowClient
