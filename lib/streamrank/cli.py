@@ -73,6 +73,14 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return run_sql(ctx, args.query, as_of_version=args.as_of_version, out=args.out, limit=args.limit)
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Check the flag combinations (exit 2) before anything is loaded, then run the stage."""
+    from streamrank.promote import check_args
+
+    check_args(args)
+    return _stage("promote")(args)
+
+
 def _stage(module: str, func: str = "run") -> Handler:
     """A stage command: `<module>.<func>(ctx, args) -> int`, imported when called."""
 
@@ -126,6 +134,38 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, _stage(module), help_, date=True)
         for flag, kwargs in STAGE_FLAGS.get(name, []):
             p.add_argument(flag, **kwargs)
+
+    # promote: --date is optional (forced promotion and rollback need none); the gate picks
+    # the latest evaluation of the challenger, or that of D when given.
+    p = add("promote", cmd_promote,
+            "promotion gate: alias champion to the challenger if it beats the champion (or, first, most-popular)")
+    p.add_argument("--date", type=_date, help="read the evaluation of D (default: the challenger's latest); run date in ops/job_runs")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", type=int, metavar="N", help="gate (or with --force, promote) model version N instead of the challenger")
+    which.add_argument("--rollback", action="store_true", help="champion <- previous, previous <- the current champion")
+    p.add_argument("--force", action="store_true", help="skip the gate (needs --version N and --reason TEXT)")
+    p.add_argument("--reason", metavar="TEXT", help="why the gate is skipped; tagged on the version with who forced it")
+
+    p = add("import-interactions", _stage("loo", "run_import"),
+            "load a CSV interaction log (user, item, timestamp) into datasets/interactions; bad rows are reported")
+    p.add_argument("--input", required=True, metavar="F.csv", help="CSV file with a header line")
+    p.add_argument("--dataset", required=True, metavar="NAME", help="dataset name (its partition is replaced on re-import)")
+    p.add_argument("--user-col", default="user_id", metavar="U", help="user column (default user_id)")
+    p.add_argument("--item-col", default="item_id", metavar="I", help="item column (default item_id)")
+    p.add_argument("--ts-col", default="timestamp", metavar="T",
+                   help="timestamp column: epoch s/ms/us or ISO 8601 (default timestamp)")
+    p.add_argument("--event-col", default=None, metavar="E", help="optional event-type column")
+    p.add_argument("--sep", default=",", help="field separator (default ,)")
+
+    p = add("benchmark-loo", _stage("loo", "run_benchmark"),
+            "leave-one-out benchmark (SASRec protocol) of the model on an imported dataset; prints one JSON line")
+    p.add_argument("--dataset", required=True, metavar="NAME")
+    p.add_argument("--negatives", type=int, default=100, help="sampled negatives per test item (default 100)")
+    p.add_argument("--k", type=int, default=10, help="cut-off of NDCG@k and HR@k (default 10)")
+    p.add_argument("--epochs", type=int, default=200, help="maximum epochs; early stopping on validation decides (default 200)")
+    p.add_argument("--patience", type=int, default=10, help="epochs without validation gain before stopping (default 10)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="training device (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the negatives and of training (default 42)")
     return parser
 
 
