@@ -486,6 +486,11 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray, l2: float = 1e-3, iters: i
         w -= step
         if np.abs(step).max() < 1e-8:
             break
+    if w[0] < 0:
+        # An inverted slope would "fix" an anti-correlated head on the very rows it is fitted on
+        # and hide that the model is worse than chance; keep the ranking, calibrate the level only.
+        base = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
+        w = np.array([0.0, float(np.log(base / (1 - base)))])
     return {"method": "platt", "a": float(w[0]), "b": float(w[1]), "n": int(x.size), "input": "logit"}
 
 

@@ -121,8 +121,9 @@ def train(ctx: Context, date: dt.date) -> dict[str, Any]:
                     mlflow.log_metrics({k: float(v) for k, v in epoch.items()
                                         if isinstance(v, (int, float)) and v is not None and k != "epoch"},
                                        step=int(epoch.get("epoch", 0)))
-                summary = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                mlflow.log_metrics({f"best_{k}" if not k.startswith("best_") else k: v for k, v in summary.items()})
+                quality = ("ndcg_at_10", "hr_at_10", "intent_auc", "intent_logloss", "samples_per_s", "best_epoch")
+                mlflow.log_metrics({f"best_{k}" if not k.startswith("best_") else k: float(metrics[k])
+                                    for k in quality if isinstance(metrics.get(k), (int, float))})
                 mlflow.log_dict(metrics, "train_metrics.json")
                 calibrator = work / "out" / "calibrator.json"
                 info = log_model(str(work / "out"), str(vocab_path), None,

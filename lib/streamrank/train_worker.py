@@ -384,6 +384,9 @@ def evaluate(model: StreamRankModel, loader: Any, device: torch.device, tc: Mapp
         # Ranks in float32 outside autocast: bf16 rounding would create ties.
         r = target_ranks(model, b, out["state"].float(), tc["eval_protocol"], negatives)
         has_t = b["target_product"] >= FIRST_REAL_ID
+        if tc["eval_protocol"] == "candidates":
+            # a row with no real competitors (e.g. no schedule that day) would count as a perfect hit
+            has_t = has_t & ((b["cand_products"] >= FIRST_REAL_ID) & (b["cand_products"] != b["target_product"].unsqueeze(1))).any(1)
         ranks.append(r[has_t].cpu().numpy())
         logits.append(out["viewer_logit"].float().cpu().numpy())
         labels.append(b["label_purchase"].cpu().numpy())
