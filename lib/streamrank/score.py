@@ -1,0 +1,846 @@
+"""`streamrank score --date D`: per-viewer rankings and intent for the streams of D+1.
+
+What is scored, and why it is built this way:
+
+- Model: the registry's ``champion`` alias (no champion: NoChampionError, exit 5). Its
+  artifacts (model.pt, model_config.json, vocab.json, calibrator.json) are downloaded once
+  on the driver and shipped to the executors as ONE broadcast of bytes; each Python
+  worker rebuilds the model once and keeps it in a module-level cache keyed by model
+  version (plus the night's new-product extension), so no task or batch reloads it.
+- Viewers: gold/viewer_features of D whose last_event_ts lies within ``score.active_days``
+  of the end of D (D+1 00:00 UTC). They stay partitioned on the executors: a
+  ``mapInArrow`` computes, per ``score.batch_size`` viewers, the encoder output once,
+  ranking scores = viewer_state @ candidate_matrix.T (one matmul), a deterministic top-K
+  and the intent head on those K candidates only. Nothing about viewers reaches the driver.
+- Candidates: the products of bronze/stream_products snapshot_date = D+1 (no rows:
+  MissingInputError, exit 5, naming the table and the landing file). A product shown in
+  several slots keeps its EARLIEST slot (ties: smallest stream_id), because a
+  recommendation is most useful before the first time the product is live; a slot without
+  slot_start_ts falls back to its stream's start_ts (bronze/streams of D+1). Candidates
+  are numbered in product_id order, and every tie in the top-K goes to the smaller
+  number, so a re-run gives identical rankings.
+- Id spaces: gold/viewer_features holds ids of the vocabulary of D (gold/vocabularies),
+  the model knows the ids of the vocabulary it was trained with (vocab.json). Product
+  ids are dense ranks of sorted tokens, so a single new product shifts every later id;
+  histories are therefore remapped token-wise (D id -> token -> model id, unknown -> 1).
+- New products (not in the model's vocabulary, e.g. launched today): the unknown product
+  embedding (id 1) plus the embedding of their catalog category (latest bronze/products
+  snapshot on or before D+1) and, when the model carries product price tiers, of their
+  list-price tier. The model instance is extended with one extra id per new product so
+  both the ranking tower and the intent head see that category - a new product gets a
+  real score from its category and price instead of silently ranking last.
+- Cold start (hist_len = 0): tomorrow's most popular candidates - add_to_cart + purchase
+  events of the last 7 days (D-6 .. D) in silver/viewer_events, ties by the number of
+  D+1 slots, then product_id - with strategy ``cold_start`` and score = that 7-day
+  count. Their purchase_prob still comes from the model's intent head, which is defined
+  for an empty history (a learned "null" attention slot plus purchase-power features).
+- purchase_prob: the intent head's per-candidate probability, passed through the
+  calibrator of the model (model.apply_calibration). Training fits that Platt calibrator
+  on the viewer-level intent logit, the only one it fits; it is monotone, so the order
+  of a viewer's probabilities is unchanged. intent_score: the calibrated viewer-level
+  P(purchase tomorrow), pooled by the model over the viewer's K ranked candidates plus
+  its background term (training pooled over ~features.cand_size schedule candidates).
+  purchase_power: monetary_30d, the viewer's spend over the 30 days up to D.
+- Publishing: the per-viewer result is cached once, so both expectation suites and both
+  writes reuse it without re-running the model. Both suites run before either table is
+  written; their results go to ops/dq_results; a critical failure raises
+  QualityGateError (exit 3) with nothing published. Each table's score_date = D+1
+  partition is then replaced in one atomic Delta commit (rankings, then intent: Delta
+  has no cross-table transaction, so a crash between the two leaves rankings of this run
+  next to intent scores of the previous one until the re-run, which the nightly makes).
+- Determinism: eval mode (no dropout), seeded torch, batches fixed by a sorted
+  partitioning, ties ordered by candidate index: a re-run for D writes identical rows
+  (except run_id, which names the run that wrote them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import functools
+import hashlib
+import io
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from streamrank.config import parse_date
+from streamrank.context import Context, stage_run
+from streamrank.errors import ConfigError, MissingInputError, NoChampionError
+from streamrank.model import (
+    PAD_ID,
+    UNK_ID,
+    ModelConfig,
+    StreamRankModel,
+    apply_calibration,
+    load_model,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "score"
+VIEWER_FEATURES = "gold/viewer_features"
+VOCAB = "gold/vocabularies"
+STREAM_PRODUCTS = "bronze/stream_products"
+STREAMS = "bronze/streams"
+PRODUCTS = "bronze/products"
+SILVER = "silver/viewer_events"
+RANKINGS = "gold/user_product_rankings"
+INTENT = "gold/user_intent_scores"
+RANKINGS_SUITE = "gold_user_product_rankings"
+INTENT_SUITE = "gold_user_intent_scores"
+
+STRATEGY_MODEL, STRATEGY_COLD = "model", "cold_start"
+POPULARITY_DAYS = 7
+POPULAR_EVENTS = ("add_to_cart", "purchase")
+DEFAULT_PRICE_TIER = 3  # features.py: a price level without signal gets the middle tier
+ARTIFACTS = ("model.pt", "model_config.json", "vocab.json", "calibrator.json")
+
+#: The per-viewer result of the model pass (what mapInArrow emits and what is cached).
+SCORED_SCHEMA = T.StructType([
+    T.StructField("viewer_id", T.StringType()),
+    T.StructField("strategy", T.StringType()),
+    T.StructField("intent_score", T.DoubleType()),
+    T.StructField("purchase_power", T.DoubleType()),
+    T.StructField("top_idx", T.ArrayType(T.IntegerType())),
+    T.StructField("top_score", T.ArrayType(T.DoubleType())),
+    T.StructField("top_prob", T.ArrayType(T.DoubleType())),
+])
+_SCORED_ARROW = pa.schema([
+    pa.field("viewer_id", pa.string()), pa.field("strategy", pa.string()),
+    pa.field("intent_score", pa.float64()), pa.field("purchase_power", pa.float64()),
+    pa.field("top_idx", pa.list_(pa.int32())), pa.field("top_score", pa.list_(pa.float64())),
+    pa.field("top_prob", pa.list_(pa.float64())),
+])
+#: Viewer feature columns the worker reads; the 8 pp_features are derived from them in
+#: the order features.with_purchase_power uses for training.
+VIEWER_COLUMNS = (
+    "viewer_id", "hist_product", "hist_category", "hist_event", "hist_dwell", "hist_dt", "hist_len",
+    "recency_days", "frequency_7d", "frequency_30d", "monetary_7d", "monetary_30d", "avg_price_paid",
+    "price_tier", "n_events",
+)
+
+
+# ----------------------------------------------------------------------------- pure DataFrame pieces
+
+def end_of_day(day: dt.date) -> dt.datetime:
+    """The instant D ends (D+1 00:00 UTC): the feature cutoff, and the anchor of `active_days`."""
+    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(0), tzinfo=dt.UTC)
+
+
+def active_viewers(features: DataFrame, day: dt.date, active_days: int) -> DataFrame:
+    """Viewer feature rows of D whose last event is within `active_days` of the end of D.
+
+    Dormant viewers are not scored: their rankings would be stale guesses nobody sees.
+    """
+    since = end_of_day(day) - dt.timedelta(days=int(active_days))
+    return features.filter((F.col("as_of_date") == F.lit(day)) & (F.col("last_event_ts") >= F.lit(since)))
+
+
+def schedule_slots(stream_products: DataFrame, streams: DataFrame, tomorrow: dt.date) -> DataFrame:
+    """One row per product on the streams of `tomorrow`: its earliest slot and slot count.
+
+    product_id, stream_id, slot_start (slot_start_ts, else the stream's start_ts), n_slots.
+    The earliest slot wins (nulls last, ties by stream_id), so the recommendation points at
+    the first time the product is live; n_slots feeds the cold-start popularity fallback.
+    """
+    starts = streams.filter(F.col("snapshot_date") == F.lit(tomorrow)).groupBy("stream_id").agg(
+        F.min("start_ts").alias("_stream_start"))
+    slots = (
+        stream_products.filter((F.col("snapshot_date") == F.lit(tomorrow)) & F.col("product_id").isNotNull())
+        .join(starts, "stream_id", "left")
+        .withColumn("slot_start", F.coalesce("slot_start_ts", "_stream_start"))
+    )
+    first = F.min(F.struct(F.col("slot_start").isNull().alias("_n"), F.col("slot_start"), F.col("stream_id")))
+    return slots.groupBy("product_id").agg(first.alias("_f"), F.count(F.lit(1)).alias("n_slots")).select(
+        "product_id", F.col("_f.stream_id").alias("stream_id"), F.col("_f.slot_start").alias("slot_start"),
+        F.col("n_slots").cast("long").alias("n_slots"))
+
+
+def latest_catalog(products: DataFrame, as_of: dt.date) -> DataFrame:
+    """product_id -> category, list_price from the newest snapshot on or before `as_of`.
+
+    A product launched for tomorrow's streams is only in tomorrow's catalog, so D+1 is
+    the natural bound; an older snapshot still describes products that left the catalog.
+    """
+    return (
+        products.filter((F.col("snapshot_date") <= F.lit(as_of)) & F.col("product_id").isNotNull())
+        .groupBy("product_id")
+        .agg(F.max_by("category", "snapshot_date").alias("category"),
+             F.max_by("list_price", "snapshot_date").alias("list_price"))
+    )
+
+
+def popularity(silver: DataFrame, day: dt.date, days: int = POPULARITY_DAYS) -> DataFrame:
+    """product_id -> carts + purchases over the `days` days ending with D (cold-start order)."""
+    lo = day - dt.timedelta(days=days - 1)
+    return (
+        silver.filter(F.col("event_date").between(F.lit(lo), F.lit(day)) & F.col("event_type").isin(*POPULAR_EVENTS)
+                      & F.col("product_id").isNotNull())
+        .groupBy("product_id").agg(F.count(F.lit(1)).alias("popularity"))
+    )
+
+
+def candidate_frame(slots: DataFrame, catalog: DataFrame, pop: DataFrame | None) -> DataFrame:
+    """Tomorrow's candidates with everything the driver needs, one row per product."""
+    out = slots.join(catalog, "product_id", "left")
+    if pop is not None:
+        out = out.join(pop, "product_id", "left")
+    else:
+        out = out.withColumn("popularity", F.lit(0))
+    return out.select("product_id", "stream_id", "slot_start", "n_slots", "category", "list_price",
+                      F.coalesce(F.col("popularity"), F.lit(0)).cast("long").alias("popularity"))
+
+
+def rankings_frame(scored: DataFrame, candidates: DataFrame, tomorrow: dt.date, model_version: str,
+                   run_id: str) -> DataFrame:
+    """gold/user_product_rankings rows: the per-viewer top-K arrays exploded, rank 1..K.
+
+    `candidates` is the small (cand_idx, product_id, stream_id, slot_start) frame,
+    broadcast to the join so no shuffle of the viewers happens.
+    """
+    z = scored.select("viewer_id", "strategy",
+                      F.posexplode(F.arrays_zip("top_idx", "top_score", "top_prob")).alias("pos", "t"))
+    return z.join(F.broadcast(candidates), F.col("t.top_idx") == F.col("cand_idx")).select(
+        "viewer_id",
+        (F.col("pos") + 1).cast("int").alias("rank"),
+        "product_id", "stream_id", "slot_start",
+        F.col("t.top_score").alias("score"),
+        F.col("t.top_prob").alias("purchase_prob"),
+        "strategy",
+        F.lit(model_version).alias("model_version"),
+        F.lit(run_id).alias("run_id"),
+        F.lit(tomorrow).alias("score_date"),
+    )
+
+
+def intent_frame(scored: DataFrame, tomorrow: dt.date, model_version: str, run_id: str) -> DataFrame:
+    """gold/user_intent_scores rows: one per scored viewer."""
+    return scored.select(
+        "viewer_id", "intent_score", "purchase_power",
+        F.lit(model_version).alias("model_version"), F.lit(run_id).alias("run_id"),
+        F.lit(tomorrow).alias("score_date"),
+    )
+
+
+# ----------------------------------------------------------------------------- pure numpy / torch pieces
+
+def id_remap(source: Mapping[str, int], target: Mapping[str, int]) -> np.ndarray:
+    """Array mapping ids of vocabulary `source` to ids of `target` through their tokens.
+
+    0 (padding) stays 0, 1 and every token `target` does not know become 1 (unknown).
+    """
+    size = max([UNK_ID, *source.values()]) + 1
+    out = np.full(size, UNK_ID, dtype=np.int64)
+    out[PAD_ID] = PAD_ID
+    for token, idx in source.items():
+        if idx > UNK_ID:
+            out[idx] = int(target.get(token, UNK_ID))
+    return out
+
+
+def price_tier(list_price: float | None, thresholds: Sequence[float]) -> int:
+    """1 + number of catalog quintile boundaries below the price (features.py's tiers)."""
+    if list_price is None or not np.isfinite(list_price) or not thresholds:
+        return DEFAULT_PRICE_TIER
+    return 1 + sum(1 for q in thresholds if list_price > q)
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """Tomorrow's candidates in product_id order; index i is what the top-K arrays hold."""
+
+    product_id: list[str]
+    stream_id: list[str | None]
+    slot_start: list[dt.datetime | None]
+    model_ids: np.ndarray  # ids in the (extended) model: known products keep theirs
+    new_categories: np.ndarray  # category ids of the new products, in extension order
+    new_tiers: np.ndarray  # price tiers of the new products (0 when the model has none)
+    popularity: np.ndarray
+    n_slots: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.product_id)
+
+    @property
+    def n_new(self) -> int:
+        return int(self.new_categories.shape[0])
+
+    def cold_order(self) -> np.ndarray:
+        """Candidate indices by popularity, then slot count, then product_id (all deterministic)."""
+        return np.lexsort((np.arange(self.size), -self.n_slots, -self.popularity)).astype(np.int64)
+
+
+def build_candidates(rows: Sequence[Mapping[str, Any]], product_vocab: Mapping[str, int],
+                     category_vocab: Mapping[str, int], n_products: int, use_tiers: bool,
+                     thresholds: Sequence[float]) -> CandidateSet:
+    """Number the candidates and give every product an id of the extended model.
+
+    Known products keep their model id; product k-th new product (not in the model's
+    vocabulary) gets n_products + k, whose embedding will be the unknown product's plus its
+    category's (and price tier's) - see extend_model.
+    """
+    rows = sorted(rows, key=lambda r: str(r["product_id"]))
+    model_ids, new_cats, new_tiers = [], [], []
+    for r in rows:
+        known = product_vocab.get(str(r["product_id"]))
+        if known is not None and known > UNK_ID and known < n_products:
+            model_ids.append(int(known))
+            continue
+        model_ids.append(n_products + len(new_cats))
+        new_cats.append(int(category_vocab.get(str(r.get("category")), UNK_ID)) if r.get("category") is not None else UNK_ID)
+        new_tiers.append(price_tier(r.get("list_price"), thresholds) if use_tiers else PAD_ID)
+    return CandidateSet(
+        product_id=[str(r["product_id"]) for r in rows],
+        stream_id=[r.get("stream_id") for r in rows],
+        slot_start=[r.get("slot_start") for r in rows],
+        model_ids=np.asarray(model_ids, dtype=np.int64),
+        new_categories=np.asarray(new_cats, dtype=np.int64),
+        new_tiers=np.asarray(new_tiers, dtype=np.int64),
+        popularity=np.asarray([int(r.get("popularity") or 0) for r in rows], dtype=np.int64),
+        n_slots=np.asarray([int(r.get("n_slots") or 0) for r in rows], dtype=np.int64),
+    )
+
+
+def extend_model(model: StreamRankModel, new_categories: np.ndarray, new_tiers: np.ndarray) -> StreamRankModel:
+    """Append one product id per new product: unknown-product embedding, own category and tier.
+
+    Done on a model instance (model.py is untouched), so both the item tower used for
+    ranking and the intent head's target attention see the new product's category.
+    """
+    n_new = int(len(new_categories))
+    if n_new == 0:
+        return model
+    n, d = model.product_emb.weight.shape
+    with torch.no_grad():
+        weight = torch.cat([model.product_emb.weight, model.product_emb.weight[UNK_ID].expand(n_new, d)])
+    emb = torch.nn.Embedding(n + n_new, d, padding_idx=PAD_ID)
+    emb.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    model.product_emb = emb
+    cats = torch.as_tensor(np.clip(new_categories, 0, model.cfg.n_categories - 1), dtype=torch.long)
+    tiers = torch.as_tensor(np.clip(new_tiers, 0, model.cfg.n_price_tiers - 1), dtype=torch.long)
+    model.product_category = torch.cat([model.product_category, cats])
+    model.product_price_tier = torch.cat([model.product_price_tier, tiers])
+    model.cfg = dataclasses.replace(model.cfg, n_products=n + n_new)
+    return model
+
+
+def model_has_tiers(model_pt: bytes) -> bool:
+    """Whether training gave products price tiers (else every product has tier 0 = none)."""
+    state = torch.load(io.BytesIO(model_pt), map_location="cpu", weights_only=True)
+    tiers = state.get("product_price_tier")
+    return tiers is not None and bool((tiers[UNK_ID + 1:] != PAD_ID).any())
+
+
+def deterministic_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k per row, best first, equal scores ordered by the smaller column index.
+
+    torch.topk does not promise which of equal scores it returns (new products of one
+    category have identical vectors, hence identical scores). Rows whose k-th score is
+    tied with a left-out column are re-done with a stable full sort; the rest only have
+    their k results reordered.
+    """
+    k = min(int(k), scores.shape[1])
+    if k == 0 or scores.shape[0] == 0:
+        return scores.new_zeros((scores.shape[0], k)), torch.zeros((scores.shape[0], k), dtype=torch.long)
+    vals, idx = torch.topk(scores, k, dim=1, sorted=True)
+    order = torch.argsort(idx, dim=1)
+    idx, vals = idx.gather(1, order), vals.gather(1, order)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    idx, vals = idx.gather(1, order), vals.gather(1, order)
+    boundary = (scores >= vals[:, -1:]).sum(dim=1) > k
+    if bool(boundary.any()):
+        rows = boundary.nonzero().squeeze(1)
+        s_vals, s_idx = torch.sort(scores[rows], dim=1, descending=True, stable=True)
+        vals[rows], idx[rows] = s_vals[:, :k], s_idx[:, :k]
+    return vals, idx
+
+
+def pp_features(cols: Mapping[str, np.ndarray], n_pp: int) -> np.ndarray:
+    """The 8 purchase-power inputs in training order (features.with_purchase_power); NaN -> 0."""
+    f64 = {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pp = np.stack([
+            np.log1p(f64["recency_days"]), np.log1p(f64["frequency_7d"]), np.log1p(f64["frequency_30d"]),
+            np.log1p(f64["monetary_7d"]), np.log1p(f64["monetary_30d"]), np.log1p(f64["avg_price_paid"]),
+            f64["price_tier"] / 5.0, np.log1p(f64["n_events"]),
+        ], axis=1).astype(np.float32)
+    pp = np.nan_to_num(pp, nan=0.0, posinf=0.0, neginf=0.0)
+    out = np.zeros((pp.shape[0], n_pp), dtype=np.float32)
+    out[:, : min(n_pp, pp.shape[1])] = pp[:, : min(n_pp, pp.shape[1])]
+    return out
+
+
+class Scorer:
+    """Everything one worker needs to score batches; built from the broadcast payload."""
+
+    def __init__(self, payload: Mapping[str, Any]) -> None:
+        self.model = cached_model(payload)
+        self.seq_len = self.model.cfg.seq_len
+        self.n_pp = self.model.cfg.n_pp_features
+        self.k = int(payload["k"])
+        self.calibrator = payload.get("calibrator")
+        self.cand_matrix = torch.as_tensor(payload["cand_matrix"])  # [N, D]
+        self.cand_ids = torch.as_tensor(payload["cand_model_ids"])  # [N]
+        cold = np.asarray(payload["cold_order"], dtype=np.int64)[: self.k]
+        self.cold_idx = torch.as_tensor(cold)
+        self.cold_scores = torch.as_tensor(np.asarray(payload["cold_scores"], dtype=np.float64)[cold])
+        self.remap = {k: torch.as_tensor(v) for k, v in payload["remap"].items()}
+
+    def _remap(self, kind: str, ids: np.ndarray) -> torch.Tensor:
+        table = self.remap[kind]
+        t = torch.as_tensor(ids, dtype=torch.long)
+        inside = (t >= 0) & (t < table.shape[0])
+        return torch.where(inside, table[t.clamp(0, table.shape[0] - 1)], torch.full_like(t, UNK_ID))
+
+    def tensors(self, inputs: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Model batch from viewer-feature arrays of the vocabulary of D (ids remapped).
+
+        Histories are left-padded, so columns that are padding for every viewer of the
+        batch are dropped: the encoder masks padded keys and the positions of the kept
+        columns are unchanged (encode() numbers them from the right), so the states are
+        the same while a batch of short histories costs a fraction of L = seq_len.
+        """
+        full = inputs["hist_product"].shape[1]
+        hist_len = torch.as_tensor(inputs["hist_len"], dtype=torch.long).clamp(0, full)
+        length = max(1, int(hist_len.max())) if hist_len.numel() else 1
+        cut = full - length
+        pos = torch.arange(length)
+        valid = pos.unsqueeze(0) >= (length - hist_len).unsqueeze(1)
+        batch = {
+            "hist_product": self._remap("product", inputs["hist_product"][:, cut:]) * valid,
+            "hist_category": self._remap("category", inputs["hist_category"][:, cut:]) * valid,
+            "hist_event": self._remap("event", inputs["hist_event"][:, cut:]) * valid,
+            "hist_dwell": torch.as_tensor(inputs["hist_dwell"][:, cut:], dtype=torch.long) * valid,
+            "hist_dt": torch.as_tensor(inputs["hist_dt"][:, cut:], dtype=torch.float32) * valid,
+            "hist_len": hist_len,
+            "pp_features": torch.as_tensor(inputs["pp_features"], dtype=torch.float32),
+        }
+        return batch
+
+    @torch.inference_mode()
+    def score(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Top-K candidate indices, scores, probabilities and the viewer intent of one batch."""
+        batch = self.tensors(inputs)
+        b = batch["hist_len"].shape[0]
+        h, _ = self.model.encode(batch)
+        state = h[:, -1]
+        vals, idx = deterministic_topk(self.model.rank_scores(state, self.cand_matrix), self.k)
+        vals = vals.double()
+        cold = batch["hist_len"] == 0
+        if bool(cold.any()):
+            k = idx.shape[1]
+            idx[cold] = self.cold_idx[:k].expand(int(cold.sum()), k)
+            vals[cold] = self.cold_scores[:k].expand(int(cold.sum()), k)
+        cand = self.cand_ids[idx] if idx.numel() else torch.zeros((b, 0), dtype=torch.long)
+        intent_from_encoded = getattr(self.model, "_intent_from_encoded", None)
+        if intent_from_encoded is not None:  # reuse h: the encoder is the costliest step
+            cand_logit, viewer_logit = intent_from_encoded(h, batch, cand)
+            cand_p, viewer_p = torch.sigmoid(cand_logit.float()), torch.sigmoid(viewer_logit.float())
+        else:
+            cand_p, viewer_p = self.model.intent(batch, cand)
+        probs = apply_calibration(cand_p.numpy(), self.calibrator) if cand_p.numel() else cand_p.double().numpy()
+        return {
+            "top_idx": idx.numpy().astype(np.int32),
+            "top_score": vals.numpy(),
+            "top_prob": np.asarray(probs, dtype=np.float64).reshape(b, -1),
+            "intent_score": np.asarray(apply_calibration(viewer_p.numpy(), self.calibrator), dtype=np.float64),
+            "cold": cold.numpy(),
+        }
+
+
+# ----------------------------------------------------------------------------- model loading (driver and workers)
+
+#: Loaded models per worker process, keyed by model version (+ the night's extension).
+_MODELS: dict[str, StreamRankModel] = {}
+
+
+def build_model(payload: Mapping[str, Any]) -> StreamRankModel:
+    """The champion from its bytes, extended with the night's new products, in eval mode."""
+    torch.manual_seed(0)  # nothing random runs in eval mode; seeded anyway for reproducibility
+    model = load_model(io.BytesIO(payload["model_pt"]), ModelConfig.from_dict(payload["model_config"]))  # type: ignore[arg-type]
+    model = extend_model(model, np.asarray(payload["new_categories"]), np.asarray(payload["new_tiers"]))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def cached_model(payload: Mapping[str, Any]) -> StreamRankModel:
+    """Build the model once per worker process and keep it: tasks and batches reuse it."""
+    key = str(payload["cache_key"])
+    model = _MODELS.get(key)
+    if model is None:
+        _MODELS.clear()  # one night's model at a time; an old one is never used again
+        model = _MODELS[key] = build_model(payload)
+    return model
+
+
+# ----------------------------------------------------------------------------- Arrow <-> arrays (workers)
+
+def _list_matrix(col: pa.Array, width: int, dtype: Any) -> np.ndarray:
+    """[rows, width] array from a list column, keeping each list's LAST `width` values,
+    left-padded with 0 (histories are left-padded, most recent last)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n = len(col)
+    out = np.zeros((n, width), dtype=dtype)
+    if n == 0:
+        return out
+    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.fill_null(col.flatten(), 0).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    if lengths.size and (lengths == lengths[0]).all():
+        m = values.reshape(n, int(lengths[0]))
+        keep = min(width, m.shape[1])
+        if keep:
+            out[:, width - keep:] = m[:, m.shape[1] - keep:]
+        return out
+    ends = np.cumsum(lengths)
+    for i in range(n):
+        row = values[ends[i] - lengths[i]: ends[i]][-width:]
+        if row.size:
+            out[i, width - row.size:] = row
+    return out
+
+
+def _numbers(col: pa.Array) -> np.ndarray:
+    return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def arrow_inputs(rb: pa.RecordBatch, seq_len: int, n_pp: int) -> dict[str, np.ndarray]:
+    """Model-ready arrays from a record batch of gold/viewer_features columns."""
+    col = {name: rb.column(rb.schema.get_field_index(name)) for name in VIEWER_COLUMNS}
+    hist_len = pc.fill_null(col["hist_len"], 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return {
+        "hist_product": _list_matrix(col["hist_product"], seq_len, np.int64),
+        "hist_category": _list_matrix(col["hist_category"], seq_len, np.int64),
+        "hist_event": _list_matrix(col["hist_event"], seq_len, np.int64),
+        "hist_dwell": _list_matrix(col["hist_dwell"], seq_len, np.int64),
+        "hist_dt": np.nan_to_num(_list_matrix(col["hist_dt"], seq_len, np.float32)),
+        "hist_len": np.minimum(hist_len, seq_len),
+        "pp_features": pp_features({k: _numbers(col[k]) for k in (
+            "recency_days", "frequency_7d", "frequency_30d", "monetary_7d", "monetary_30d", "avg_price_paid",
+            "price_tier", "n_events")}, n_pp),
+        "purchase_power": _numbers(col["monetary_30d"]),
+    }
+
+
+def _to_record_batch(viewer_id: pa.Array, inputs: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> pa.RecordBatch:
+    b, k = out["top_idx"].shape
+    offsets = pa.array(np.arange(b + 1, dtype=np.int32) * k, pa.int32())
+    power = inputs["purchase_power"]
+    return pa.RecordBatch.from_arrays([
+        viewer_id.cast(pa.string()),
+        pa.array(np.where(out["cold"], STRATEGY_COLD, STRATEGY_MODEL).tolist(), pa.string()),
+        pa.array(out["intent_score"], pa.float64()),
+        pa.array(power, pa.float64(), mask=np.isnan(power)),
+        pa.ListArray.from_arrays(offsets, pa.array(out["top_idx"].reshape(-1), pa.int32())),
+        pa.ListArray.from_arrays(offsets, pa.array(out["top_score"].reshape(-1), pa.float64())),
+        pa.ListArray.from_arrays(offsets, pa.array(out["top_prob"].reshape(-1), pa.float64())),
+    ], schema=_SCORED_ARROW)
+
+
+def score_partition(batches: Iterator[pa.RecordBatch], bc: Any, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: score each `batch_size` slice of the partition's viewers."""
+    payload = bc.value
+    scorer = Scorer(payload)
+    for rb in batches:
+        for start in range(0, rb.num_rows, batch_size):
+            part = rb.slice(start, batch_size)
+            inputs = arrow_inputs(part, scorer.seq_len, scorer.n_pp)
+            out = scorer.score(inputs)
+            yield _to_record_batch(part.column(part.schema.get_field_index("viewer_id")), inputs, out)
+
+
+def score_viewers(viewers: DataFrame, bc: Any, batch_size: int) -> DataFrame:
+    """The distributed model pass: one row per viewer with its top-K arrays and intent.
+
+    Fewer input partitions than task slots are spread by viewer_id. Inside each partition
+    viewers are sorted by (hist_len, viewer_id): batches then hold histories of similar
+    length, so Scorer.tensors can drop most padding (the encoder is ~90 % of the cost),
+    and the batches - hence the float results - are the same on every re-run.
+    """
+    spark = viewers.sparkSession
+    frame = viewers.select(*VIEWER_COLUMNS)
+    slots = max(1, spark.sparkContext.defaultParallelism)
+    if frame.rdd.getNumPartitions() < slots:
+        frame = frame.repartition(slots, "viewer_id")
+    frame = frame.sortWithinPartitions(F.coalesce(F.col("hist_len"), F.lit(0)), "viewer_id")
+    return frame.mapInArrow(functools.partial(score_partition, bc=bc, batch_size=int(batch_size)), SCORED_SCHEMA)
+
+
+# ----------------------------------------------------------------------------- driver side
+
+@dataclass
+class Champion:
+    """The downloaded champion: registry coordinates and the artifact bytes to broadcast."""
+
+    name: str
+    version: str
+    run_id: str
+    model_pt: bytes
+    model_config: dict[str, Any]
+    vocab: dict[str, Any]
+    calibrator: dict[str, Any] | None
+
+
+def champion_ref(cfg: Any) -> Any:
+    """The registry version holding `champion`; NoChampionError (exit 5) when none does.
+
+    Looked up before any data is read: without a model there is nothing to do.
+    """
+    from streamrank.registry import CHAMPION, by_alias
+
+    ref = by_alias(cfg, CHAMPION)
+    if ref is None:
+        raise NoChampionError(
+            f"no version of model {cfg['mlflow.model_name']!r} holds the alias {CHAMPION!r} in the registry "
+            f"{cfg.mlflow_registry_uri}: nothing to score with. Train and promote one first "
+            "(`streamrank train --date D` then `streamrank promote --date D`, or `streamrank promote --version N`)")
+    return ref
+
+
+def load_champion(ref: Any) -> Champion:
+    """Download the champion's artifacts once, on the driver; the executors get their bytes."""
+    import mlflow
+
+    tmp = Path(tempfile.mkdtemp(prefix="score-model-"))
+    try:
+        try:
+            root = Path(mlflow.artifacts.download_artifacts(f"runs:/{ref.run_id}/model/artifacts", dst_path=str(tmp / "a")))
+        except Exception:  # noqa: BLE001 - MLflow 3 may keep the model outside the run: use the registry URI
+            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=str(tmp / "m"))) / "artifacts"
+        missing = [a for a in ARTIFACTS[:3] if not (root / a).exists()]
+        if missing:
+            raise MissingInputError(f"champion {ref.name} v{ref.version} (run {ref.run_id}) lacks artifacts {missing} under {root}")
+        calib = root / "calibrator.json"
+        return Champion(
+            name=ref.name, version=ref.version, run_id=ref.run_id,
+            model_pt=(root / "model.pt").read_bytes(),
+            model_config=json.loads((root / "model_config.json").read_text()),
+            vocab=json.loads((root / "vocab.json").read_text()),
+            calibrator=json.loads(calib.read_text()) if calib.exists() else None,
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _vocab_of(rows: Sequence[Any]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {"product": {}, "category": {}, "event": {}}
+    for r in rows:
+        out.setdefault(r["kind"], {})[r["token"]] = int(r["idx"])
+    return out
+
+
+def build_payload(champion: Champion, cands: CandidateSet, feature_vocab: Mapping[str, Mapping[str, int]],
+                  k: int) -> tuple[dict[str, Any], StreamRankModel]:
+    """What the executors get (one broadcast) and the driver's own copy of the model.
+
+    The candidate matrix is computed here, once per night, from the same extended model
+    the workers rebuild, so ranking and intent agree on every candidate's vector.
+    """
+    digest = hashlib.sha256(champion.model_pt)
+    digest.update(cands.new_categories.tobytes() + cands.new_tiers.tobytes())
+    payload: dict[str, Any] = {
+        "cache_key": f"{champion.name}/{champion.version}/{digest.hexdigest()[:16]}",
+        "model_version": champion.version,
+        "model_pt": champion.model_pt,
+        "model_config": champion.model_config,
+        "calibrator": champion.calibrator,
+        "new_categories": cands.new_categories,
+        "new_tiers": cands.new_tiers,
+        "k": min(int(k), cands.size),
+        "cand_model_ids": cands.model_ids,
+        "cold_order": cands.cold_order(),
+        "cold_scores": cands.popularity.astype(np.float64),
+        "remap": {kind: id_remap(feature_vocab.get(kind, {}), champion.vocab.get(kind) or {})
+                  for kind in ("product", "category", "event")},
+    }
+    model = build_model(payload)
+    with torch.inference_mode():
+        payload["cand_matrix"] = model.candidate_matrix(torch.as_tensor(cands.model_ids)).float().numpy().copy()
+    return payload, model
+
+
+def _candidates_df(spark: SparkSession, cands: CandidateSet) -> DataFrame:
+    schema = T.StructType([
+        T.StructField("cand_idx", T.IntegerType()), T.StructField("product_id", T.StringType()),
+        T.StructField("stream_id", T.StringType()), T.StructField("slot_start", T.TimestampType()),
+    ])
+    rows = [(i, p, s, t) for i, (p, s, t) in enumerate(zip(cands.product_id, cands.stream_id, cands.slot_start, strict=True))]
+    return spark.createDataFrame(rows, schema)
+
+
+def _read(ctx: Context, run: Any, name: str) -> DataFrame:
+    table = ctx.table(name)
+    version = table.version()
+    run.read(name, version)
+    return table.read(version=version)
+
+
+def _tier_thresholds(catalog: DataFrame) -> list[float]:
+    row = catalog.filter(F.col("list_price").isNotNull()).agg(
+        F.percentile(F.col("list_price"), [0.2, 0.4, 0.6, 0.8]).alias("q")).first()
+    return [float(q) for q in row["q"]] if row is not None and row["q"] is not None else []
+
+
+def _gate(reports: Sequence[Any]) -> None:
+    """One QualityGateError naming the failed critical checks of every suite."""
+    from streamrank.errors import QualityGateError
+    from streamrank.quality import raise_on_critical
+
+    errors: list[QualityGateError] = []
+    for report in reports:
+        try:
+            raise_on_critical(report)
+        except QualityGateError as exc:
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise QualityGateError("\n".join(str(e) for e in errors), data_docs=errors[0].data_docs)
+
+
+class _Phases:
+    """Wall time per named phase: where a score run spends its time (run.metrics["phases_s"])."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def score(ctx: Context, date: dt.date) -> dict[str, Any]:
+    """Score the active viewers of D against the streams of D+1 and publish both tables.
+
+    Raises NoChampionError / MissingInputError (exit 5) before reading much, and
+    QualityGateError (exit 3) before writing anything; on success both score_date = D+1
+    partitions are replaced, one commit per table.
+    """
+    from streamrank.quality import validate
+
+    tomorrow = date + dt.timedelta(days=1)
+    cfg = ctx.cfg
+    for key in ("score.top_k", "score.active_days", "score.batch_size"):
+        if int(cfg[key]) < 1:  # 0 would publish empty lists or score nobody: a conf typo, not a night's data
+            raise ConfigError(f"config key {key!r}: expected an integer >= 1, got {cfg[key]}")
+    k = int(cfg["score.top_k"])
+    phases = _Phases()
+    with stage_run(ctx, STAGE, date) as run:
+        run.metrics["phases_s"] = phases.seconds
+        with phases("inputs"):
+            ref = champion_ref(cfg)
+            run.mlflow_run_id = ref.run_id
+            spark = ctx.spark
+            slots = schedule_slots(_read(ctx, run, STREAM_PRODUCTS), _read(ctx, run, STREAMS), tomorrow)
+            features = _read(ctx, run, VIEWER_FEATURES)
+            vocab_df = _read(ctx, run, VOCAB)
+            products = _read(ctx, run, PRODUCTS)
+            silver_t = ctx.table(SILVER)
+            silver_v = silver_t.version()
+            run.read(SILVER, silver_v)
+            pop = popularity(silver_t.read(version=silver_v), date) if silver_v is not None else None
+            catalog = latest_catalog(products, tomorrow)
+            cand_rows = [r.asDict() for r in candidate_frame(slots, catalog, pop).collect()]
+            if not cand_rows:
+                raise MissingInputError(
+                    f"{STREAM_PRODUCTS} has no rows for snapshot_date {tomorrow}: no schedule for the streams of {tomorrow}. "
+                    f"Land schedule/stream_products_{tomorrow}.csv under {cfg.landing} and run `streamrank ingest --date {date}`")
+            vocab_rows = vocab_df.filter(F.col("as_of_date") == F.lit(date)).select("kind", "token", "idx").collect()
+            if not vocab_rows:
+                raise MissingInputError(f"{VOCAB} has no rows for as_of_date {date}: run `streamrank features --date {date}`")
+            if not features.filter(F.col("as_of_date") == F.lit(date)).limit(1).count():
+                raise MissingInputError(f"{VIEWER_FEATURES} has no rows for as_of_date {date}: run `streamrank features --date {date}`")
+
+        with phases("model"):
+            champion = load_champion(ref)
+            use_tiers = model_has_tiers(champion.model_pt)  # tiers for new products only if the model has them
+            cands = build_candidates(cand_rows, champion.vocab.get("product") or {}, champion.vocab.get("category") or {},
+                                     int(champion.model_config["n_products"]), use_tiers,
+                                     _tier_thresholds(catalog) if use_tiers else [])
+            payload, _ = build_payload(champion, cands, _vocab_of(vocab_rows), k)
+            bc = spark.sparkContext.broadcast(payload)
+
+        viewers = active_viewers(features, date, int(cfg["score.active_days"]))
+        scored = score_viewers(viewers, bc, int(cfg["score.batch_size"])).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            with phases("score"):  # the one job that runs the model; everything after reads the cache
+                stats = scored.agg(F.count(F.lit(1)).alias("n"),
+                                   F.sum((F.col("strategy") == STRATEGY_COLD).cast("long")).alias("cold")).first()
+                n_viewers, n_cold = int(stats["n"]), int(stats["cold"] or 0)
+            cand_df = _candidates_df(spark, cands)
+            rankings = rankings_frame(scored, cand_df, tomorrow, champion.version, ctx.run_id)
+            intent = intent_frame(scored, tomorrow, champion.version, ctx.run_id)
+
+            with phases("validate"):
+                docs_root = cfg.reports / "data_docs"
+                run_name = f"score-{date}-{ctx.run_id}"
+                reports = [validate(rankings, RANKINGS_SUITE, docs_root, run_name),
+                           validate(intent, INTENT_SUITE, docs_root, run_name)]
+                # results are history: stored whether or not the gate passes
+                ctx.table("ops/dq_results").append_rows([row for r in reports for row in r.rows(ctx.run_id, STAGE, date)])
+            for report in reports:
+                for o in report.warnings_failed:
+                    print(f"[score] quality warning: {report.suite}: {o.expectation} observed {o.observed_value}", flush=True)
+            run.metrics["data_docs"] = [r.data_docs for r in reports]
+            _gate(reports)
+
+            with phases("publish"):
+                commit = {"stage": STAGE, "run_id": ctx.run_id, "score_date": tomorrow.isoformat(),
+                          "model": champion.name, "model_version": champion.version}
+                res = ctx.table(RANKINGS).overwrite(rankings, where={"score_date": tomorrow}, commit_info=commit)
+                run.wrote(RANKINGS, res.version)
+                res = ctx.table(INTENT).overwrite(intent, where={"score_date": tomorrow}, commit_info=commit)
+                run.wrote(INTENT, res.version)
+        finally:
+            scored.unpersist()
+            bc.unpersist()
+
+        k_eff = payload["k"]
+        run.metrics.update({
+            "score_date": str(tomorrow), "viewers": n_viewers, "cold_start_viewers": n_cold,
+            "candidates": cands.size, "new_products": cands.n_new, "top_k": k_eff, "ranking_rows": n_viewers * k_eff,
+            "model_version": champion.version, "model_run_id": champion.run_id,
+        })
+        run.message = (f"{n_viewers} viewers ({n_cold} cold start) x {cands.size} candidates ({cands.n_new} new) -> "
+                       f"top {k_eff} for {tomorrow} with {champion.name} v{champion.version}")
+        return dict(run.metrics, versions_read=dict(run.versions_read), versions_written=dict(run.versions_written))
+
+
+def run(ctx: Context, args: argparse.Namespace) -> int:
+    """CLI entry point: `streamrank score --date D`."""
+    date = args.date if isinstance(args.date, dt.date) else parse_date(str(args.date))
+    score(ctx, date)
+    return 0
+
+
+__all__ = [
+    "CandidateSet", "Champion", "Scorer", "active_viewers", "arrow_inputs", "build_candidates", "build_model",
+    "build_payload", "cached_model", "candidate_frame", "champion_ref", "deterministic_topk", "end_of_day", "extend_model",
+    "id_remap", "intent_frame", "latest_catalog", "load_champion", "popularity", "pp_features", "rankings_frame",
+    "run", "schedule_slots", "score", "score_partition", "score_viewers",
+]
