@@ -7,9 +7,14 @@ GPU), shards row groups by rank, and only rank 0 writes outputs.
 
 Data path. One Petastorm ``make_batch_reader`` per split and epoch (``num_epochs=1``): a fresh
 reader per epoch gives a new seeded row-group order (``seed + epoch``) and a clean end of epoch
-without counting steps. The ``split`` filter runs as a Petastorm ``TransformSpec`` inside the
-reader threads, which also drops the string column that PyTorch cannot hold. Batches come
-through ``petastorm.pytorch.BatchedDataLoader`` (columnar, with a seeded torch shuffling buffer).
+without counting steps. The reader threads read and decode row groups; ``ColumnarBatches``
+(installed as the reader's results-queue reader) keeps each row group columnar - fixed-length
+list columns become ``[rows, width]`` numpy views of the Arrow buffers, the ``split`` filter is a
+mask on the Arrow column, rows are shuffled with one seeded gather (``shuffle_buffer`` rows carried
+into the next row group) - and ``petastorm.pytorch.BatchedDataLoader`` cuts the torch batches.
+Files whose footer statistics show only the other split are not opened at all. No pandas on the
+way: Petastorm's own conversion (per-row object arrays + ``np.vstack``) and a pandas
+``TransformSpec`` cost 3-4x the Parquet decoding (see ``ColumnarBatches``).
 Shards can hold different numbers of batches, so every step starts with an all-reduce of
 "do all ranks still have a batch?" and all ranks stop together.
 
@@ -31,12 +36,14 @@ Ties count against the target (pessimistic), so a collapsed model cannot score w
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import json
 import logging
 import math
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -59,7 +66,6 @@ FEATURE_COLUMNS = (
     "hist_product", "hist_category", "hist_event", "hist_dwell", "hist_dt", "hist_len",
     "pp_features", "target_product", "target_products", "cand_products", "label_purchase",
 )
-SCALAR_INT_COLUMNS = ("hist_len", "target_product", "label_purchase")
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "batch_size": 512,
@@ -74,7 +80,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "grad_clip": 1.0,
     "reader_workers": 2,
     "deterministic": None,  # None = on for CPU, off for CUDA
-    "shuffle_buffer": 4096,  # rows in the torch shuffling buffer; 0 disables
+    "shuffle_buffer": 4096,  # rows held back and mixed into the next row group; 0: shuffle within row groups only
     "eval_protocol": "candidates",
     "eval_negatives": 100,
     "eval_k": 10,
@@ -211,18 +217,173 @@ def to_path(uri: str) -> str:
     return uri.removeprefix("file://")
 
 
-class SplitFilter:
-    """TransformSpec function: keep rows of one split, feature columns only (runs in reader threads)."""
+class ColumnarBatches:
+    """Petastorm results-queue reader: Arrow row groups -> numpy feature columns, no pandas.
 
-    def __init__(self, split: str):
+    Petastorm 0.12's ``ArrowReaderWorkerResultsQueueReader`` turns every list column of a row
+    group into a pandas object array (one ndarray per row) and stacks it back with
+    ``np.vstack`` - in the consumer thread, for every row. A ``TransformSpec`` (the old split
+    filter) adds ``Table.to_pandas`` and ``Table.from_pandas`` of the same object columns in the
+    reader threads. Profiling ``measure_petastorm_vs_pyarrow`` showed those two paths, not Parquet
+    decoding, as most of an epoch. Here a row group stays columnar: the fixed-length list columns
+    become ``[rows, width]`` views of the Arrow value buffers (zero copy), the split filter is a
+    boolean mask on the Arrow string column, and rows are gathered with ``np.take``. The reader
+    threads still do the Parquet I/O and decoding (``make_batch_reader``), and
+    ``BatchedDataLoader`` still cuts the batches and makes the torch tensors.
+
+    Rows go out in chunks of ``chunk_rows`` (a multiple of the batch size): the loader's batch
+    buffer copies every piece it is given (``torch.cat`` with the previous leftover), and a whole
+    row group (tens of MB) per copy costs fresh pages each time, while a few-MB chunk reuses the
+    same memory.
+
+    Shuffling (``shuffle``): row groups arrive in Petastorm's seeded order; the rows of each
+    group are permuted here with a numpy generator seeded from ``seed`` and the shard, and
+    ``carry`` rows drawn at random are held back and mixed into the next row group (the role of
+    Petastorm's torch shuffling buffer, without its per-batch ``tensor[idx]``, which is ~10x
+    slower than a gather and far worse with oversubscribed torch threads). The order depends
+    only on the seed and on the arrival order of row groups (one reader thread when
+    deterministic), not on the torch random stream the model draws from.
+    """
+
+    batched_output = True
+
+    def __init__(self, split: str | None, shuffle: bool, seed: int, carry: int = 0, chunk_rows: int = 4096):
         self.split = split
+        self.shuffle = bool(shuffle)
+        self.carry_rows = max(0, int(carry)) if shuffle else 0
+        self.chunk_rows = max(1, int(chunk_rows))
+        self.rng = np.random.default_rng(seed)
+        self._carry: dict[str, np.ndarray] | None = None  # held-back rows, already in random order
+        # Pending rows: (held-back rows of before, this row group, row indices to emit, next position).
+        # Row index r < len(held) is held[r], r >= len(held) is group[r - len(held)].
+        self._pending: tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray], np.ndarray, int] | None = None
+        self._done = False
 
-    def __call__(self, df):  # pandas DataFrame -> pandas DataFrame
-        out = df.loc[df["split"] == self.split, list(FEATURE_COLUMNS)].reset_index(drop=True)
-        for c in SCALAR_INT_COLUMNS:  # nullable ints arrive as float with NaN
-            if out[c].dtype.kind == "f":
-                out[c] = out[c].fillna(0).astype("int32")
-        return out
+    def read_next(self, workers_pool: Any, schema: Any, ngram: Any) -> Any:
+        from petastorm.workers_pool import EmptyResultError
+
+        while True:
+            if self._pending is not None:
+                cols = self._next_chunk()
+                if cols is not None:
+                    return _BatchColumns(**cols)
+            if self._done:
+                raise StopIteration
+            try:
+                table = workers_pool.get_results()
+            except EmptyResultError:
+                self._done = True
+                if self._carry is not None:  # end of epoch: the held-back rows go out last
+                    held, self._carry = self._carry, None
+                    self._pending = (held, {}, np.arange(_rows(held)), 0)
+                continue
+            self._add(table)
+
+    def _add(self, table: Any) -> None:
+        """Queue the kept rows of one row group, mixed with the held-back rows, in emission order."""
+        rows = None
+        if self.split is not None:
+            mask = _split_mask(table.column("split"), self.split)
+            if not mask.all():
+                rows = np.flatnonzero(mask)
+        kept = table.num_rows if rows is None else rows.size
+        if kept == 0:
+            return
+        group = {name: arrow_column_numpy(name, table.column(name)) for name in FEATURE_COLUMNS}
+        if not self.shuffle:
+            self._pending = (None, group, np.arange(kept) if rows is None else rows, 0)
+            return
+        held = self._carry
+        m = 0 if held is None else _rows(held)
+        order = self.rng.permutation(m + kept)  # over the pool: held rows, then this group's kept rows
+        if rows is not None:
+            in_group = order >= m
+            order[in_group] = rows[order[in_group] - m] + m  # pool position -> row index
+        n_hold = min(self.carry_rows, order.size)
+        self._carry = _gather(held, group, order[order.size - n_hold:]) if n_hold else None
+        self._pending = (held, group, order[:order.size - n_hold], 0)
+
+    def _next_chunk(self) -> dict[str, np.ndarray] | None:
+        held, group, order, pos = self._pending
+        if pos >= order.size:
+            self._pending = None
+            return None
+        take = order[pos:pos + self.chunk_rows]
+        self._pending = (held, group, order, pos + take.size)
+        if held is None and not self.shuffle and take[-1] - take[0] == take.size - 1:
+            return {k: v[take[0]:take[-1] + 1] for k, v in group.items()}  # sorted and contiguous: views
+        return _gather(held, group, take)
+
+
+_BatchColumns = collections.namedtuple("_BatchColumns", FEATURE_COLUMNS)
+
+
+def _rows(cols: Mapping[str, np.ndarray]) -> int:
+    return len(next(iter(cols.values())))
+
+
+def _gather(held: dict[str, np.ndarray] | None, group: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows ``rows`` of held + group (row index r < len(held): held[r], else group[r - len(held)])."""
+    m = 0 if held is None else _rows(held)
+    from_held = rows < m
+    if not from_held.any():
+        return {k: np.take(v, rows - m if m else rows, axis=0) for k, v in group.items()}
+    if from_held.all():
+        return {k: np.take(v, rows, axis=0) for k, v in held.items()}
+    at_held, at_group = np.flatnonzero(from_held), np.flatnonzero(~from_held)
+    src_held, src_group = rows[at_held], rows[at_group] - m
+    out = {}
+    for k, v in held.items():
+        arr = np.empty((rows.size, *v.shape[1:]), dtype=v.dtype)
+        arr[at_held] = np.take(v, src_held, axis=0)
+        arr[at_group] = np.take(group[k], src_group, axis=0)
+        out[k] = arr
+    return out
+
+
+def _split_mask(column: Any, split: str) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    mask = pc.fill_null(pc.equal(column, split), False)
+    if hasattr(mask, "combine_chunks"):
+        mask = mask.combine_chunks()
+    return mask.to_numpy(zero_copy_only=False)
+
+
+def arrow_column_numpy(name: str, column: Any) -> np.ndarray:
+    """An Arrow column (one row group) as numpy: scalars 1-D, fixed-length lists ``[rows, width]``.
+
+    Zero copy for primitive values without nulls; null values become 0. Lists must all have the
+    same length (the history, candidate and feature arrays are padded by the features stage).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = column
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
+    n = len(arr)
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
+        if arr.null_count:
+            raise ValueError(f"column {name!r}: {arr.null_count} null arrays; every row needs a padded array")
+        if pa.types.is_fixed_size_list(arr.type):
+            width = arr.type.list_size
+        else:
+            offsets = np.asarray(arr.offsets)
+            lengths = np.diff(offsets)
+            width = int(lengths[0]) if n else 0
+            if n and not (lengths == width).all():
+                raise ValueError(f"column {name!r}: arrays of different lengths "
+                                 f"({sorted(set(lengths.tolist()))[:5]}); expected one fixed length")
+        values = arr.flatten()
+        if values.null_count:
+            values = pc.fill_null(values, 0)
+        return values.to_numpy(zero_copy_only=False).reshape(n, width)
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type):
+        raise TypeError(f"column {name!r} is {arr.type}: torch cannot hold it")
+    if arr.null_count:
+        arr = pc.fill_null(arr, 0)
+    return arr.to_numpy(zero_copy_only=False)
 
 
 def _quiet_petastorm() -> None:
@@ -237,6 +398,56 @@ def count_row_groups(files: list[str]) -> int:
     return sum(pq.ParquetFile(to_path(f)).num_row_groups for f in files)
 
 
+def file_splits(path: str) -> set[str] | None:
+    """The ``split`` values of one Parquet file from its footer statistics (None: unknown)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(to_path(path)).metadata
+        names = [meta.schema.column(j).path for j in range(meta.num_columns)]
+        if "split" not in names:
+            return None
+        j = names.index("split")
+        found: set[str] = set()
+        for i in range(meta.num_row_groups):
+            rg = meta.row_group(i)
+            if rg.num_rows == 0:
+                continue
+            st = rg.column(j).statistics
+            if st is None:
+                return None
+            if not st.has_min_max:
+                if st.null_count == rg.num_rows:
+                    continue  # only nulls: no row of any split
+                return None
+            lo, hi = st.min, st.max
+            lo = lo.decode() if isinstance(lo, bytes) else lo
+            hi = hi.decode() if isinstance(hi, bytes) else hi
+            if lo != hi:
+                return None  # a mixed row group: the mask decides
+            found.add(lo)
+        return found
+    except Exception:  # noqa: BLE001 - statistics are an optimisation only; the row mask stays exact
+        return None
+
+
+def files_for_split(files: list[str], split: str | None, shard_count: int | None = None) -> list[str]:
+    """Drop files whose footer statistics prove they hold no row of ``split``.
+
+    Only files written one split per file (or per row group) are pruned; mixed files stay and
+    the row mask filters them. If pruning would leave nothing, or fewer row groups than shards,
+    every file is kept (the mask then yields the same rows).
+    """
+    if split is None:
+        return list(files)
+    kept = [f for f in files if (s := file_splits(f)) is None or split in s]
+    if not kept or len(kept) == len(files):
+        return list(files)
+    if shard_count and count_row_groups(kept) < int(shard_count):
+        return list(files)
+    return kept
+
+
 def make_loader(
     files: list[str],
     split: str | None,
@@ -249,33 +460,44 @@ def make_loader(
     cur_shard: int | None = None,
     shard_count: int | None = None,
 ):
-    """A one-epoch Petastorm BatchedDataLoader over ``files`` (``split=None``: every row)."""
+    """A one-epoch Petastorm BatchedDataLoader over ``files`` (``split=None``: every row).
+
+    ``make_batch_reader`` reads the row groups (seeded row-group order when ``shuffle``) in
+    ``workers`` threads; ``ColumnarBatches`` turns each into numpy columns, keeps the rows of
+    ``split`` and shuffles them (``shuffle_buffer`` rows carried across row groups); the
+    ``BatchedDataLoader`` cuts ``batch_size``-row torch tensors.
+    """
     from petastorm import make_batch_reader
+    from petastorm.arrow_reader_worker import ArrowReaderWorkerResultsQueueReader
     from petastorm.pytorch import BatchedDataLoader
-    from petastorm.transform import TransformSpec
 
     _quiet_petastorm()
     fields = [f"{c}$" for c in FEATURE_COLUMNS]
-    spec = None
     if split is not None:
         fields.append("split$")
-        spec = TransformSpec(SplitFilter(split), removed_fields=["split"])
     reader = make_batch_reader(
-        [to_uri(f) for f in files],
+        [to_uri(f) for f in files_for_split(files, split, shard_count)],
         schema_fields=fields,
         reader_pool_type="thread",
         workers_count=max(1, int(workers)),
         results_queue_size=8,
         seed=seed,
         shuffle_row_groups=shuffle,
-        shuffle_rows=shuffle,
+        shuffle_rows=False,  # rows are permuted by ColumnarBatches (a numpy gather, not an Arrow take)
         num_epochs=1,
         cur_shard=cur_shard,
         shard_count=shard_count,
-        transform_spec=spec,
     )
-    return BatchedDataLoader(reader, batch_size=batch_size,
-                             shuffling_queue_capacity=shuffle_buffer if shuffle else 0)
+    # The one petastorm internal we replace: the object that converts the reader threads' Arrow
+    # tables for the consumer (petastorm 0.12 has no public hook for it; constraints.txt pins it).
+    if not isinstance(getattr(reader, "_results_queue_reader", None), ArrowReaderWorkerResultsQueueReader):
+        reader.stop()
+        reader.join()
+        raise RuntimeError("petastorm Reader internals changed: cannot install the columnar results reader")
+    reader._results_queue_reader = ColumnarBatches(
+        split, shuffle, seed=int(seed) * 1009 + int(cur_shard or 0), carry=shuffle_buffer,
+        chunk_rows=batch_size * max(1, 4096 // batch_size))
+    return BatchedDataLoader(reader, batch_size=batch_size, shuffling_queue_capacity=0)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -797,28 +1019,38 @@ def _pyarrow_epoch(files: list[str], batch_size: int) -> int:
     return rows
 
 
-def measure_petastorm_vs_pyarrow(files: list[str], conf: dict, repeats: int = 2) -> dict:
+def measure_petastorm_vs_pyarrow(files: list[str], conf: dict, repeats: int = 3) -> dict:
     """Rows/s into torch tensors: Petastorm BatchedDataLoader vs plain pyarrow on the same files.
 
-    Both read every row (no split filter) and produce per-column tensors of ``batch_size`` rows;
-    the best of ``repeats`` passes is reported for each, so file-cache warm-up does not decide.
+    Both read every row (no split filter, no shuffle) of the same feature columns and produce
+    per-column tensors of ``batch_size`` rows. The two sides alternate ``repeats`` times in one
+    run; the median pass of each is reported (``*_s``: seconds per epoch).
     """
-    tc = train_conf(plain_conf(conf))
+    conf = plain_conf(conf)
+    tc = train_conf(conf)
     bs = int(tc["batch_size"])
     workers = int(tc["reader_workers"])
     pet, arr = [], []
-    rows = 0
-    for r in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        rows = _iterate_rows(make_loader(files, None, bs, seed=r, shuffle=False, workers=workers), None)
-        pet.append(rows / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        rows_pa = _pyarrow_epoch(files, bs)
-        arr.append(rows_pa / (time.perf_counter() - t0))
+    rows = rows_pa = 0
+    with torch_threads(tc["cpu_threads"]):
+        for r in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            rows = _iterate_rows(make_loader(files, None, bs, seed=r, shuffle=False, workers=workers), None)
+            pet.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            rows_pa = _pyarrow_epoch(files, bs)
+            arr.append(time.perf_counter() - t0)
+    if rows != rows_pa:
+        raise RuntimeError(f"petastorm read {rows} rows, pyarrow {rows_pa}: not the same data")
+    pet_s, arr_s = statistics.median(pet), statistics.median(arr)
     return {
-        "petastorm_rows_per_s": max(pet),
-        "pyarrow_rows_per_s": max(arr),
-        "petastorm_to_pyarrow_ratio": max(pet) / max(arr),
+        "petastorm_rows_per_s": rows / pet_s,
+        "pyarrow_rows_per_s": rows / arr_s,
+        "petastorm_to_pyarrow_ratio": arr_s / pet_s,
+        "petastorm_s": pet_s,
+        "pyarrow_s": arr_s,
+        "petastorm_s_runs": pet,
+        "pyarrow_s_runs": arr,
         "rows": rows,
         "batch_size": bs,
         "reader_workers": workers,

@@ -17,7 +17,11 @@ import pytest
 import torch
 
 from streamrank.train_worker import (
+    FEATURE_COLUMNS,
     NonFiniteLossError,
+    arrow_column_numpy,
+    files_for_split,
+    make_loader,
     measure_loader_vs_step,
     measure_petastorm_vs_pyarrow,
     run_training,
@@ -178,6 +182,111 @@ def test_loader_and_step_throughput(data):
     cmp = measure_petastorm_vs_pyarrow(data["files"], conf, repeats=1)
     assert cmp["rows"] == 4 * 160
     assert cmp["petastorm_rows_per_s"] > 0 and cmp["pyarrow_rows_per_s"] > 0
+
+
+def _read_split(files: list[str], split: str | None) -> dict[str, np.ndarray]:
+    """The feature columns of ``split`` read with plain pyarrow, in file order (the expectation)."""
+    tables = [pq.read_table(f.removeprefix("file://")) for f in files]
+    table = pa.concat_tables(tables)
+    if split is not None:
+        table = table.filter(pa.compute.equal(table.column("split"), split))
+    out = {}
+    for c in FEATURE_COLUMNS:
+        col = table.column(c).combine_chunks()
+        out[c] = (np.asarray(col.flatten()).reshape(len(col), -1) if pa.types.is_list(col.type)
+                  else np.asarray(col))
+    return out
+
+
+def _drain(loader) -> tuple[list[int], dict[str, np.ndarray]]:
+    sizes, parts = [], {c: [] for c in FEATURE_COLUMNS}
+    with loader:
+        for batch in loader:
+            assert set(batch) == set(FEATURE_COLUMNS)
+            assert all(isinstance(v, torch.Tensor) for v in batch.values())
+            sizes.append(int(batch["hist_len"].shape[0]))
+            for c in FEATURE_COLUMNS:
+                parts[c].append(batch[c].numpy())
+    return sizes, {c: np.concatenate(v) for c, v in parts.items()}
+
+
+def _by_row(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows sorted by their (unique, random) pp_features, so two reads compare as multisets."""
+    order = np.lexsort(cols["pp_features"].T[::-1])
+    return {c: v[order] for c, v in cols.items()}
+
+
+@pytest.mark.parametrize("split,shuffle,buffer,workers",
+                         [("train", True, 100, 2), ("valid", False, 0, 1), (None, True, 0, 2), (None, False, 0, 2)])
+def test_loader_yields_every_row_of_the_split_once(data, split, shuffle, buffer, workers):
+    want = _read_split(data["files"], split)
+    sizes, got = _drain(make_loader(data["files"], split, 64, seed=5, shuffle=shuffle, workers=workers,
+                                    shuffle_buffer=buffer))
+    n = len(want["hist_len"])
+    assert sum(sizes) == n and all(s == 64 for s in sizes[:-1]) and 0 < sizes[-1] <= 64
+    for c in FEATURE_COLUMNS:
+        assert got[c].dtype == want[c].dtype and got[c].shape == want[c].shape, c
+    assert got["hist_product"].shape == (n, L) and got["cand_products"].shape == (n, C)
+    w, g = _by_row(want), _by_row(got)
+    for c in FEATURE_COLUMNS:
+        np.testing.assert_array_equal(g[c], w[c], err_msg=c)
+    if not shuffle and workers == 1:  # file order, row group order
+        np.testing.assert_array_equal(got["pp_features"], want["pp_features"])
+
+
+def test_loader_shuffle_is_seeded(data):
+    def order(seed: int) -> np.ndarray:
+        return _drain(make_loader(data["files"], "train", 64, seed=seed, shuffle=True, workers=1,
+                                  shuffle_buffer=100))[1]["pp_features"][:, 0]
+
+    first, again, other = order(3), order(3), order(4)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    unshuffled = _read_split(data["files"], "train")["pp_features"][:, 0]
+    assert not np.array_equal(first, unshuffled) and np.array_equal(np.sort(first), np.sort(unshuffled))
+    # rows of different row groups meet in one batch: the buffer mixes across files
+    per_file = [set(_read_split([f], "train")["pp_features"][:, 0].tolist()) for f in data["files"]]
+    batches = first[: (len(first) // 64) * 64].reshape(-1, 64)
+    assert any(sum(bool(set(b.tolist()) & s) for s in per_file) > 1 for b in batches)
+
+
+def test_split_files_are_pruned_by_footer_statistics(data, tmp_path):
+    """Files holding one split each: the other split's files are not read, the rows are the same."""
+    files = []
+    for i, f in enumerate(data["files"][:2]):
+        table = pq.read_table(f.removeprefix("file://"))
+        for split in ("train", "valid"):
+            part = table.filter(pa.compute.equal(table.column("split"), split))
+            path = tmp_path / f"part-{i}-{split}.parquet"
+            pq.write_table(part, path)
+            files.append("file://" + str(path))
+    files.append(data["files"][2])  # a mixed file stays for both splits
+    train = files_for_split(files, "train")
+    assert train == [files[0], files[2], files[4]]
+    assert files_for_split(files, "valid") == [files[1], files[3], files[4]]
+    assert files_for_split(files, None) == files
+    assert files_for_split(files, "test") == [files[4]]
+    assert files_for_split(files[:4], "test") == files[:4]  # nothing would be left: keep all, the mask decides
+    for split in ("train", "valid"):
+        _, got = _drain(make_loader(files, split, 64, seed=1, shuffle=False, workers=1))
+        want = _read_split(files, split)
+        for c in FEATURE_COLUMNS:
+            np.testing.assert_array_equal(_by_row(got)[c], _by_row(want)[c], err_msg=c)
+
+
+def test_arrow_columns_to_numpy_nulls_and_ragged_lists():
+    ints = pa.chunked_array([pa.array([1, None, 3], pa.int32())])
+    np.testing.assert_array_equal(arrow_column_numpy("hist_len", ints), [1, 0, 3])
+    lists = pa.array([[1, 2], [3, None], [5, 6]], pa.list_(pa.int32())).slice(1)
+    got = arrow_column_numpy("hist_product", lists)
+    assert got.shape == (2, 2) and got.dtype == np.int32
+    np.testing.assert_array_equal(got, [[3, 0], [5, 6]])
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(6, dtype=np.float32)), 3)
+    np.testing.assert_array_equal(arrow_column_numpy("pp_features", fixed), np.arange(6).reshape(2, 3))
+    with pytest.raises(ValueError, match="different lengths"):
+        arrow_column_numpy("hist_product", pa.array([[1, 2], [3]], pa.list_(pa.int32())))
+    with pytest.raises(ValueError, match="null arrays"):
+        arrow_column_numpy("hist_product", pa.array([[1, 2], None], pa.list_(pa.int32())))
 
 
 def test_two_process_torch_distributor(spark, data, tmp_path):
