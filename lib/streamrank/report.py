@@ -178,7 +178,12 @@ def build_report(ctx: Context, date: dt.date) -> Path:
 td,th{{border:1px solid #ccc;padding:2px 6px;font-size:12px}}img{{max-width:100%;display:block}}.empty{{color:#888}}</style>
 </head><body><h1>streamrank nightly report {date}</h1>
 <p>Generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC from warehouse {html.escape(str(ctx.cfg.warehouse))}.</p>
-{''.join(sections)}</body></html>"""
+{''.join(sections)}
+<script>/* marks whether every plot loaded, so a headless browser check can read it from the DOM */
+window.addEventListener("load", () => {{ const imgs = [...document.images];
+  document.body.dataset.images = imgs.length;
+  document.body.dataset.imagesOk = imgs.every(i => i.complete && i.naturalWidth > 0); }});</script>
+</body></html>"""
     (out / "index.html").write_text(page, encoding="utf-8")
     return out / "index.html"
 
