@@ -1,0 +1,719 @@
+"""Clean stage: bronze/viewer_events of ingest date D -> silver/viewer_events + silver/quarantine.
+
+Every bronze row of D ends in exactly one of three places, and the stage proves it before
+it publishes (DESIGN section 9, "conserving"):
+
+- quarantine: the row has at least one reason code (all codes that apply are kept);
+- duplicate: the row is valid but its event_id is already in silver from an earlier
+  ingest date (within clean.dedup_lookback_days), or it is not the first valid copy of
+  its event_id today -- dropped and counted, never stored twice;
+- silver: everything else, typed, with ip/device_id/comment_text dropped (data
+  minimisation) and has_comment/comment_length derived in their place.
+
+Precedence, and why: reasons are evaluated first, on every row; only rows without a
+reason take part in deduplication. So an exact copy of a broken line is quarantined
+(with the same reasons as its original) rather than counted as a duplicate, and a
+duplicate never hides a fault. Each generator fault kind therefore maps to exactly one
+outcome, and the ledger's counts can be checked 1:1 (tests/integration/test_clean.py).
+
+Reason codes (REASONS). Field checks only run on rows whose line parsed as JSON: the
+fields of a truncated line are a symptom of its one fault, not independent faults.
+
+==================  =====================================================================
+malformed           bronze parse_ok is false (the line is not a JSON object)
+bad_encoding        the raw line holds U+FFFD (invalid UTF-8 replaced when it was read)
+bad_type            dwell_ms/price_paid/quantity present but not a number of the column's
+                    type, or event_ts present but not ISO 8601 with an offset
+missing_field       a required field is null: event_id, viewer_id, session_id, stream_id,
+                    event_type, event_ts (the silver suite's non-null contract)
+unknown_event_type  event_type not one of the ten of DESIGN section 5
+bad_dwell           dwell_ms < 0 or > clean.max_dwell_ms
+bad_price           price_paid < 0, > clean.max_price, NaN or infinite
+bad_quantity        quantity < 1 or > clean.max_quantity
+future_ts           event_ts after the end of D + clean.future_tolerance_hours
+past_ts             event_ts before the start of D - clean.max_lateness_days
+unknown_product     product_id set but not in the bronze/products snapshot of D
+unknown_stream      stream_id not in bronze/streams of D or D-1 (late events reference
+                    yesterday's streams)
+bot                 the viewer has > clean.bot_max_events_per_minute events in some 60 s
+                    window, or > clean.bot_max_purchases_per_hour purchases in some hour,
+                    within this ingest day: every row of that viewer that day gets it
+==================  =====================================================================
+
+Generator ledger kind -> outcome: see LEDGER_REASON (dup_within_file and dup_replay ->
+duplicates_dropped; empty_files -> no rows at all).
+
+Performance (measured, see tests/benchmarks/bench_clean.py; each Spark job costs, so
+the stage is planned around few of them): bronze rows are wide (the raw line is most of
+their bytes), so they are never cached. One aggregation over a column-pruned scan finds
+the few viewers who may be bots. The labelled frame is then built knowing every row
+reason, minimised (no PII, raw_line kept only on rows that may be quarantined, all
+reasons packed into one int bit mask) and cached; the first job over it (confirming
+the bots, on the candidates' events) fills the cache. The dedup plan is one
+aggregation over the cache, cached and broadcast; the four conservation counts and the
+per-reason counts are ONE aggregation; GX's jobs and both writes then read memory.
+Catalog and schedule ids are collected (one small job) into hash-set lookups instead
+of broadcast joins. Phases are timed with time.perf_counter into run.metrics["phases_s"].
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import time
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import deltalake
+import pyarrow as pa
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from streamrank.errors import MissingInputError, QualityGateError, StreamrankError
+
+if TYPE_CHECKING:
+    from streamrank.config import Config
+    from streamrank.context import Context, StageRun
+    from streamrank.delta import DeltaTable
+
+STAGE = "clean"
+BRONZE = "bronze/viewer_events"
+SILVER = "silver/viewer_events"
+QUARANTINE = "silver/quarantine"
+PRODUCTS = "bronze/products"
+STREAMS = "bronze/streams"
+SILVER_SUITE = "silver_viewer_events"
+SUMMARY_SUITE = "silver_day_summary"
+
+EVENT_TYPES: tuple[str, ...] = (
+    "enter_stream", "leave_stream", "view_product", "like", "comment", "share", "gift",
+    "click_product", "add_to_cart", "purchase",
+)
+REQUIRED: tuple[str, ...] = ("event_id", "viewer_id", "session_id", "stream_id", "event_type", "event_ts")
+#: landing field -> the silver type it must parse as
+NUMERIC: dict[str, str] = {"dwell_ms": "bigint", "price_paid": "double", "quantity": "int"}
+#: every reason code, sorted: the order rows' `reasons` arrays come out in
+REASONS: tuple[str, ...] = tuple(sorted((
+    "malformed", "bad_encoding", "bad_type", "missing_field", "unknown_event_type", "bad_dwell",
+    "bad_price", "bad_quantity", "future_ts", "past_ts", "unknown_product", "unknown_stream", "bot",
+)))
+#: generator fault kind (landing/_ledger/ledger.json) -> the reason code it must produce
+LEDGER_REASON: dict[str, str] = {
+    "malformed_json": "malformed", "non_utf8": "bad_encoding", "wrong_type": "bad_type",
+    "missing_required": "missing_field", "unknown_event_type": "unknown_event_type",
+    "bad_dwell": "bad_dwell", "future_ts": "future_ts", "past_ts": "past_ts",
+    "unknown_product": "unknown_product", "unknown_stream": "unknown_stream", "bot_events": "bot",
+}
+#: generator fault kinds that end as duplicates_dropped, not in quarantine
+LEDGER_DUPLICATES: tuple[str, ...] = ("dup_within_file", "dup_replay")
+
+# ISO 8601 date-time with an explicit offset: a time without one is ambiguous, so it is
+# bad_type rather than silently read as UTC.
+_ISO_TS = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}(:?\d{2})?)$"
+_US_PER_S = 1_000_000
+_OUTCOME_SILVER, _OUTCOME_QUARANTINE, _OUTCOME_DUPLICATE = "silver", "quarantine", "duplicate"
+_BIT: dict[str, int] = {code: 1 << i for i, code in enumerate(REASONS)}
+
+
+@dataclass(frozen=True)
+class CleanRules:
+    """The thresholds of the clean.* config section, in one typed object for pure functions."""
+
+    max_lateness_days: int = 3
+    future_tolerance_hours: float = 1.0
+    dedup_lookback_days: int = 7
+    bot_max_events_per_minute: int = 30
+    bot_max_purchases_per_hour: int = 20
+    max_dwell_ms: int = 86_400_000
+    max_quantity: int = 100
+    max_price: float = 100_000.0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> CleanRules:
+        """Read clean.* with the shipped defaults, so a conf without a key still works."""
+        d = cls()
+        return cls(**{f: type(getattr(d, f))(cfg.get(f"clean.{f}", getattr(d, f))) for f in d.__dataclass_fields__})
+
+
+# ------------------------------------------------------------------------------ pure steps
+
+def _utc_micros(day: dt.date, days: float = 0.0, hours: float = 0.0) -> int:
+    """Microseconds since the epoch of UTC midnight of `day` shifted: a session-timezone-free bound."""
+    start = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC) + dt.timedelta(days=days, hours=hours)
+    return int(start.timestamp()) * _US_PER_S
+
+
+def type_events(bronze: DataFrame) -> DataFrame:
+    """Parse the text fields of bronze rows into the silver types, keeping the raw text.
+
+    Adds `_parsed` (the line was a JSON object), `_ts` (UTC timestamp), `_dwell_ms`,
+    `_price_paid`, `_quantity` (null where absent or unparseable) and `_us` (event time
+    in microseconds). try_cast, not cast: Spark 4 runs in ANSI mode, where one bad value
+    in a cast would fail the whole job instead of quarantining one row.
+    """
+    ts_text = F.col("event_ts")
+    ts = F.when(ts_text.rlike(_ISO_TS), ts_text.try_cast("timestamp"))
+    return bronze.select(
+        *[c for c in bronze.columns if c not in ("ingest_run_id", "ingested_at")],
+        F.coalesce(F.col("parse_ok"), F.lit(False)).alias("_parsed"),
+        ts.alias("_ts"),
+        *[F.col(c).try_cast(t).alias(f"_{c}") for c, t in NUMERIC.items()],
+    ).withColumn("_us", F.unix_micros("_ts"))
+
+
+def row_reasons(typed: DataFrame, day: dt.date, rules: CleanRules,
+                product_ids: Collection[str], stream_ids: Collection[str]) -> DataFrame:
+    """Add one boolean `_r_<code>` column per row-level reason, and `_bad` (any of them).
+
+    Known product and stream ids come as Python collections (a catalog snapshot is a
+    few thousand ids): Spark turns `isin` over them into a hash-set lookup inside the
+    scan, where a broadcast join would cost extra jobs per run. The bot reason is
+    viewer-level and added by `with_bots`.
+    """
+    parsed = F.col("_parsed")
+    bad_type = F.lit(False)
+    for c in NUMERIC:
+        bad_type = bad_type | (F.col(c).isNotNull() & F.col(f"_{c}").isNull())
+    bad_type = bad_type | (F.col("event_ts").isNotNull() & F.col("_ts").isNull())
+    missing = F.lit(False)
+    for c in REQUIRED:
+        missing = missing | F.col(c).isNull()
+    future_us = _utc_micros(day, days=1, hours=rules.future_tolerance_hours)
+    past_us = _utc_micros(day, days=-rules.max_lateness_days)
+    price = F.col("_price_paid")
+    conds: dict[str, Column] = {
+        "malformed": ~parsed,
+        "bad_encoding": F.col("raw_line").contains("\ufffd"),
+        "bad_type": parsed & bad_type,
+        "missing_field": parsed & missing,
+        "unknown_event_type": parsed & F.col("event_type").isNotNull() & ~F.col("event_type").isin(list(EVENT_TYPES)),
+        "bad_dwell": parsed & ((F.col("_dwell_ms") < 0) | (F.col("_dwell_ms") > rules.max_dwell_ms)),
+        # NaN compares greater than any number in Spark, so it lands here too
+        "bad_price": parsed & ((price < 0) | (price > rules.max_price) | F.isnan(price) | (F.abs(price) == float("inf"))),
+        "bad_quantity": parsed & ((F.col("_quantity") < 1) | (F.col("_quantity") > rules.max_quantity)),
+        "future_ts": parsed & (F.col("_us") > future_us),
+        "past_ts": parsed & (F.col("_us") < past_us),
+        "unknown_product": parsed & F.col("product_id").isNotNull() & ~F.col("product_id").isin(sorted(set(product_ids))),
+        "unknown_stream": parsed & F.col("stream_id").isNotNull() & ~F.col("stream_id").isin(sorted(set(stream_ids))),
+    }
+    flags = [F.coalesce(cond, F.lit(False)).alias(f"_r_{code}") for code, cond in conds.items()]
+    out = typed.select("*", *flags)
+    bad = F.lit(False)
+    for code in conds:
+        bad = bad | F.col(f"_r_{code}")
+    return out.withColumn("_bad", bad)
+
+
+def _bot_events(df: DataFrame) -> DataFrame:
+    """The events the bot rule counts: parsed rows with a viewer and a valid event time."""
+    return df.filter(F.col("_parsed") & F.col("viewer_id").isNotNull() & F.col("_us").isNotNull()).select(
+        "viewer_id", "event_id", "_us", F.coalesce(F.col("event_type") == "purchase", F.lit(False)).alias("_buy")
+    )
+
+
+def bot_candidates(typed: DataFrame, rules: CleanRules) -> list[str]:
+    """Viewers who MAY be over a bot threshold: a superset of the bots, found by one aggregation.
+
+    A 60 s window overlaps at most two calendar minutes, so a window with more than N
+    events has a calendar minute with more than N/2 (pigeonhole); the same holds for
+    purchases per hour. One aggregation per viewer-minute returns the busy minutes and
+    the minutes with a purchase (rare, so few rows) and the hours are summed here.
+    Normal viewers stay far below the bar, so the list is the bots plus few others.
+    """
+    ne, nb = rules.bot_max_events_per_minute, rules.bot_max_purchases_per_hour
+    per_minute = (
+        _bot_events(typed)
+        .groupBy("viewer_id", F.floor(F.col("_us") / (60 * _US_PER_S)).alias("_m"))
+        .agg(F.count("*").alias("_n"), F.count(F.when(F.col("_buy"), 1)).alias("_b"))
+        .filter((F.col("_n") * 2 > ne) | (F.col("_b") > 0))
+    )
+    candidates: set[str] = set()
+    buys_per_hour: dict[tuple[str, int], int] = {}
+    for r in per_minute.collect():
+        if r["_n"] * 2 > ne:
+            candidates.add(r["viewer_id"])
+        key = (r["viewer_id"], r["_m"] // 60)
+        buys_per_hour[key] = buys_per_hour.get(key, 0) + r["_b"]
+    candidates |= {viewer for (viewer, _), n in buys_per_hour.items() if n * 2 > nb}
+    return sorted(candidates)
+
+
+def confirm_bots(df: DataFrame, candidates: Sequence[str], rules: CleanRules) -> list[str]:
+    """The candidates that really exceed a threshold in a sliding window, sorted.
+
+    Sliding windows (not calendar minutes), so a burst that straddles a minute boundary
+    still counts; over distinct events (event_id, time), so a re-delivered file cannot
+    turn a normal viewer into a bot. The candidates' events are few: they are counted
+    here with two pointers (`sliding_max`) rather than with Spark window sorts.
+    """
+    if not candidates:
+        return []
+    ne, nb = rules.bot_max_events_per_minute, rules.bot_max_purchases_per_hour
+    events: dict[str, dict[tuple[str | None, int], bool]] = {}
+    for r in _bot_events(df).filter(F.col("viewer_id").isin(list(candidates))).collect():
+        events.setdefault(r["viewer_id"], {})[(r["event_id"], r["_us"])] = r["_buy"]
+    bots = []
+    for viewer, evs in events.items():
+        times = sorted(us for _, us in evs)
+        buys = sorted(us for (_, us), buy in evs.items() if buy)
+        if sliding_max(times, 60 * _US_PER_S) > ne or sliding_max(buys, 3600 * _US_PER_S) > nb:
+            bots.append(viewer)
+    return sorted(bots)
+
+
+def find_bots(typed: DataFrame, rules: CleanRules) -> list[str]:
+    """Viewers with > bot_max_events_per_minute events in some 60 s window or
+    > bot_max_purchases_per_hour purchases in some hour: candidates, then confirmation."""
+    return confirm_bots(typed, bot_candidates(typed, rules), rules)
+
+
+def sliding_max(times_us: Sequence[int], width_us: int) -> int:
+    """Most events in any window (t - width, t] of sorted event times (two pointers)."""
+    best, lo = 0, 0
+    for hi, t in enumerate(times_us):
+        while times_us[lo] <= t - width_us:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def minimise(flagged: DataFrame, bot_candidates: Sequence[str] = ()) -> DataFrame:
+    """Pack the row-level reasons into `_flags` and keep only what later steps need.
+
+    The frame this returns is what the stage caches, so it is made small here: ip,
+    device_id and comment_text are dropped (has_comment/comment_length derived first),
+    the raw numeric text is dropped (typed copies stay), and raw_line and the raw
+    event_ts text are kept only on rows that may go to quarantine (a reason, or a viewer
+    that may be a bot), the only place they are stored. The reasons become one int bit
+    mask (bit i = REASONS[i]; 0 = no reason): Spark's columnar cache costs per column,
+    and 13 boolean columns measured slower to cache than the whole rest of the row.
+    `_us` and `_parsed` stay for the bot rule, which `with_bots` applies on top.
+    """
+    flags = F.lit(0)
+    for i, code in enumerate(REASONS):
+        if code != "bot":
+            flags = flags + F.when(F.col(f"_r_{code}"), F.lit(1 << i)).otherwise(F.lit(0))
+    keep_raw = F.col("_bad")
+    if bot_candidates:
+        keep_raw = keep_raw | F.coalesce(F.col("viewer_id").isin(list(bot_candidates)), F.lit(False))
+    comment = F.col("comment_text")
+    return flagged.select(
+        "event_id", "viewer_id", "session_id", "stream_id", "host_id", "product_id", "event_type", "app_version",
+        "source_file", "line_number", "_ts", "_us", "_parsed", "_dwell_ms", "_price_paid", "_quantity",
+        # UTC calendar date from epoch seconds: independent of spark.sql.session.timeZone
+        F.date_from_unix_date(F.floor(F.col("_us") / (86_400 * _US_PER_S)).cast("int")).alias("event_date"),
+        (comment.isNotNull() & (F.length(comment) > 0)).alias("has_comment"),
+        F.coalesce(F.length(comment), F.lit(0)).cast("int").alias("comment_length"),
+        flags.alias("_flags"),
+        F.when(keep_raw, F.col("raw_line")).alias("raw_line"),
+        F.when(keep_raw, F.col("event_ts")).alias("event_ts"),
+    )
+
+
+def with_bots(minimised: DataFrame, bot_viewers: Sequence[str]) -> DataFrame:
+    """Set the `bot` bit on every parsed row of the bot viewers (the viewer-level reason)."""
+    if not bot_viewers:
+        return minimised
+    is_bot = F.col("_parsed") & F.coalesce(F.col("viewer_id").isin(list(bot_viewers)), F.lit(False))
+    return minimised.withColumn("_flags", F.col("_flags").bitwiseOR(F.when(is_bot, F.lit(_BIT["bot"])).otherwise(F.lit(0))))
+
+
+def apply_bots(flagged: DataFrame, bot_viewers: Sequence[str]) -> DataFrame:
+    """`minimise` then `with_bots`: the labelled-to-be frame when the bots are already known."""
+    return with_bots(minimise(flagged, bot_viewers), bot_viewers)
+
+
+def has_reason(code: str) -> Column:
+    """Whether a row of the minimised frame carries reason `code`."""
+    return (F.col("_flags").bitwiseAND(F.lit(_BIT[code]))) != 0
+
+
+def duplicate_plan(marked: DataFrame, prior_ids: DataFrame | None) -> DataFrame:
+    """event_ids that must not all reach silver: (event_id, _in_prior, _keep_file, _keep_line).
+
+    Only rows without a reason take part (precedence: reasons first). One aggregation over
+    today's valid rows plus the event_ids of earlier ingest dates: an id seen before is
+    dropped entirely (`_in_prior`); otherwise the copy with the lowest (source_file,
+    line_number) is kept, a deterministic choice so re-runs keep the same row. Ids that
+    occur once today and never before are left out, so the result stays small. (A
+    two-step variant that shuffles ids only, then finds first copies among the suspects,
+    measured no faster: it doubles the jobs.)
+    """
+    valid = marked.filter(F.col("_flags") == 0).select(
+        "event_id", F.struct("source_file", "line_number").alias("_pos"), F.lit(False).alias("_prior")
+    )
+    if prior_ids is not None:
+        prior = prior_ids.select(
+            "event_id", F.lit(None).cast(valid.schema["_pos"].dataType).alias("_pos"), F.lit(True).alias("_prior")
+        )
+        valid = valid.unionByName(prior)
+    return (
+        valid.groupBy("event_id")
+        .agg(F.count("_pos").alias("_n"), F.max("_prior").alias("_in_prior"), F.min("_pos").alias("_first"))
+        .filter((F.col("_n") > 0) & (F.col("_in_prior") | (F.col("_n") > 1)))
+        .select("event_id", "_in_prior", F.col("_first.source_file").alias("_keep_file"),
+                F.col("_first.line_number").alias("_keep_line"))
+    )
+
+
+def label(marked: DataFrame, dups: DataFrame) -> DataFrame:
+    """Add `outcome` (silver | quarantine | duplicate) and `reasons` (sorted codes) to every row."""
+    joined = marked.join(F.broadcast(dups), "event_id", "left")
+    first = (F.col("source_file") == F.col("_keep_file")) & (F.col("line_number") == F.col("_keep_line"))
+    outcome = (
+        F.when(F.col("_flags") != 0, F.lit(_OUTCOME_QUARANTINE))
+        .when(F.coalesce(F.col("_in_prior"), F.lit(False)), F.lit(_OUTCOME_DUPLICATE))
+        .when(F.col("_keep_file").isNotNull() & ~F.coalesce(first, F.lit(False)), F.lit(_OUTCOME_DUPLICATE))
+        .otherwise(F.lit(_OUTCOME_SILVER))
+    )
+    # built from the cached flags on use; only quarantine rows ever project it
+    reasons = F.array_compact(F.array(*[F.when(has_reason(code), F.lit(code)) for code in REASONS]))
+    return joined.withColumn("outcome", outcome).withColumn("reasons", reasons)
+
+
+def outcome_counts(labelled: DataFrame, day: dt.date) -> dict[str, int]:
+    """The conservation counts, late rows and per-reason counts, in ONE Spark job."""
+    is_ = lambda o: F.col("outcome") == o  # noqa: E731
+    aggs = [
+        F.count("*").alias("labelled_rows"),
+        F.count(F.when(is_(_OUTCOME_SILVER), 1)).alias("silver_rows"),
+        F.count(F.when(is_(_OUTCOME_QUARANTINE), 1)).alias("quarantined_rows"),
+        F.count(F.when(is_(_OUTCOME_DUPLICATE), 1)).alias("duplicates_dropped"),
+        F.count(F.when(is_(_OUTCOME_SILVER) & (F.col("event_date") < F.lit(day)), 1)).alias("late_rows"),
+        *[F.count(F.when(has_reason(code), 1)).alias(f"reason.{code}") for code in REASONS],
+    ]
+    row = labelled.agg(*aggs).first()
+    return {k: int(v or 0) for k, v in row.asDict().items()}
+
+
+def to_silver(labelled: DataFrame, run_id: str, day: dt.date) -> DataFrame:
+    """The silver rows in table order; ip, device_id and comment_text are already gone (`minimise`).
+
+    ingest_date is the literal D (bronze was read for D only), so the table layer's
+    replaceWhere check that every written row has ingest_date = D folds to a constant
+    instead of costing a Spark job.
+    """
+    return labelled.filter(F.col("outcome") == _OUTCOME_SILVER).select(
+        "event_id", "viewer_id", "session_id", "stream_id", "host_id", "product_id", "event_type",
+        F.col("_ts").alias("event_ts"),
+        F.col("_dwell_ms").alias("dwell_ms"),
+        F.col("_price_paid").alias("price_paid"),
+        F.col("_quantity").alias("quantity"),
+        "app_version", "has_comment", "comment_length", "source_file", "line_number",
+        F.lit(day).alias("ingest_date"),
+        F.lit(run_id).alias("clean_run_id"),
+        "event_date",
+    )
+
+
+def to_quarantine(labelled: DataFrame, run_id: str, day: dt.date, quarantined_at: dt.datetime) -> DataFrame:
+    """The rejected rows with their raw line, the raw event_ts text and every reason, sorted."""
+    return labelled.filter(F.col("outcome") == _OUTCOME_QUARANTINE).select(
+        "raw_line", "source_file", "line_number", "event_id", "viewer_id", "event_type", "event_ts", "reasons",
+        F.lit(run_id).alias("clean_run_id"),
+        F.lit(quarantined_at).cast("timestamp").alias("quarantined_at"),
+        F.lit(day).alias("ingest_date"),
+    )
+
+
+SUMMARY_SCHEMA = T.StructType([
+    T.StructField(name, typ) for name, typ in [
+        ("bronze_rows", T.LongType()), ("silver_rows", T.LongType()), ("quarantined_rows", T.LongType()),
+        ("duplicates_dropped", T.LongType()), ("conservation_gap", T.LongType()),
+        ("quarantine_ratio", T.DoubleType()), ("trailing_median_rows", T.DoubleType()), ("volume_ratio", T.DoubleType()),
+    ]
+])
+
+
+def summary_row(counts: Mapping[str, int], bronze_rows: int, trailing_median: float | None) -> dict[str, Any]:
+    """The one-row day summary the silver_day_summary suite validates."""
+    silver, quarantined, dups = counts["silver_rows"], counts["quarantined_rows"], counts["duplicates_dropped"]
+    return {
+        "bronze_rows": bronze_rows, "silver_rows": silver, "quarantined_rows": quarantined, "duplicates_dropped": dups,
+        "conservation_gap": bronze_rows - silver - quarantined - dups,
+        "quarantine_ratio": quarantined / bronze_rows if bronze_rows else None,
+        "trailing_median_rows": float(trailing_median) if trailing_median is not None else None,
+        "volume_ratio": silver / trailing_median if trailing_median else None,
+    }
+
+
+def summary_frame(spark: SparkSession, row: Mapping[str, Any]) -> DataFrame:
+    """The summary row as a one-row frame built from literals, in the JVM.
+
+    createDataFrame from Python rows would be a Python RDD: every GX job over it would
+    start Python workers to unpickle one row (measured: ~2 s of a ~3.5 s validation).
+    """
+    return spark.range(1).select(*[F.lit(row[f.name]).cast(f.dataType).alias(f.name) for f in SUMMARY_SCHEMA.fields])
+
+
+# ------------------------------------------------------------------------------ I/O helpers
+
+def partition_rows(table: DeltaTable, version: int | None, column: str, values: Sequence[dt.date]) -> int | None:
+    """Rows in the given partitions from the Delta log's file statistics (no Spark job).
+
+    Independent of the Spark plan, which is what makes the conservation check mean
+    something: a join that drops or duplicates rows cannot also fix this number. None
+    when a file carries no record count (then the caller counts with Spark).
+    """
+    if version is None:
+        return 0
+    adds = pa.table(deltalake.DeltaTable(table.uri, version=version).get_add_actions(flatten=True)).to_pydict()
+    wanted = {v.isoformat() for v in values}
+    total = 0
+    for part, n in zip(adds.get(f"partition.{column}", []), adds.get("num_records", []), strict=False):
+        text = part.isoformat() if isinstance(part, dt.date) else (str(part) if part is not None else None)
+        if text in wanted:
+            if n is None:
+                return None
+            total += int(n)
+    return total
+
+
+def trailing_median_rows(ctx: Context, day: dt.date, days: int = 7) -> float | None:
+    """Median silver rows of the last `days` ingest dates before D, from ops/job_runs.
+
+    The latest successful clean run per date counts (re-runs replace their partition).
+    Read through delta-rs and pyarrow: a few hundred rows, not worth a Spark job.
+    """
+    table = ctx.table("ops/job_runs")
+    if not table.exists():
+        return None
+    lo = day - dt.timedelta(days=days)
+    latest: dict[dt.date, tuple[dt.datetime, int]] = {}
+    for r in table.to_arrow().to_pylist():
+        run_date = r.get("run_date")
+        if r.get("stage") != STAGE or r.get("status") != "success" or run_date is None or not lo <= run_date < day:
+            continue
+        try:
+            n = json.loads(r.get("metrics") or "{}").get("silver_rows")
+        except json.JSONDecodeError:
+            continue
+        if n is None:
+            continue
+        ended = r.get("ended_at") or dt.datetime.min.replace(tzinfo=dt.UTC)
+        if run_date not in latest or ended >= latest[run_date][0]:
+            latest[run_date] = (ended, int(n))
+    values = [n for _, n in latest.values()]
+    return float(statistics.median(values)) if values else None
+
+
+class _Phases:
+    """Wall time per named phase (time.perf_counter): where a clean run spends its time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def _gate(reports: Sequence[Any]) -> None:
+    """Raise one QualityGateError naming every failed critical expectation of every suite."""
+    from streamrank.quality import raise_on_critical
+
+    errors: list[QualityGateError] = []
+    for report in reports:
+        try:
+            raise_on_critical(report)
+        except QualityGateError as exc:
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise QualityGateError("\n".join(str(e) for e in errors), data_docs=errors[0].data_docs)
+
+
+# ------------------------------------------------------------------------------ the stage
+
+def clean(ctx: Context, date: dt.date) -> dict[str, Any]:
+    """Clean ingest date `date`: type, reason, dedup, gate, publish. Returns run.metrics.
+
+    Raises MissingInputError (exit 5) without bronze rows for D or without the catalog
+    snapshot of D, StreamrankError (exit 1) if the counts do not conserve, and
+    QualityGateError (exit 3) if a critical expectation fails; in every failure case
+    silver and quarantine stay at their previous versions.
+    """
+    from streamrank.context import stage_run
+
+    with stage_run(ctx, STAGE, date) as run:
+        metrics = _clean(ctx, date, run)
+    return metrics
+
+
+def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
+    from streamrank.quality import validate
+
+    phases = _Phases()
+    rules = CleanRules.from_config(ctx.cfg)
+    spark = ctx.spark
+    run.metrics["phases_s"] = phases.seconds
+    cached: list[DataFrame] = []
+    try:
+        with phases("inputs"):
+            bronze_t = ctx.table(BRONZE)
+            bronze_v = bronze_t.version()
+            run.read(BRONZE, bronze_v)
+            bronze_rows = partition_rows(bronze_t, bronze_v, "ingest_date", [day])
+            bronze = bronze_t.read(version=bronze_v).filter(F.col("ingest_date") == F.lit(day)) if bronze_v is not None else None
+            if bronze_rows is None and bronze is not None:
+                bronze_rows = bronze.count()
+            if not bronze_rows or bronze is None:
+                raise MissingInputError(f"{BRONZE} has no rows for ingest_date={day}: run `streamrank ingest --date {day}` first")
+            product_ids, stream_ids = _known_ids(ctx, run, day)
+            silver_t, quarantine_t = ctx.table(SILVER), ctx.table(QUARANTINE)
+            silver_v = silver_t.version()
+            run.read(SILVER, silver_v)
+            prior_ids = _prior_ids(silver_t, silver_v, day, rules)
+
+        typed = type_events(bronze)
+        with phases("bot_candidates"):  # one aggregation over a column-pruned scan of bronze
+            candidates = bot_candidates(typed, rules)
+        minimised = minimise(row_reasons(typed, day, rules, product_ids, stream_ids), candidates)
+        minimised = minimised.persist(StorageLevel.MEMORY_AND_DISK_DESER)
+        cached.append(minimised)
+        with phases("reasons_and_bots"):  # the first job over the cache fills it
+            bots = confirm_bots(minimised, candidates, rules)
+        marked = with_bots(minimised, bots)
+        dups = duplicate_plan(marked, prior_ids).persist(StorageLevel.MEMORY_AND_DISK_DESER)
+        cached.append(dups)
+        labelled = label(marked, dups)
+        with phases("dedup_counts"):
+            counts = outcome_counts(labelled, day)
+        run.metrics.update({
+            "bronze_rows": bronze_rows, "silver_rows": counts["silver_rows"], "quarantined_rows": counts["quarantined_rows"],
+            "duplicates_dropped": counts["duplicates_dropped"], "late_rows": counts["late_rows"],
+            "bot_viewers": len(bots),
+            "reasons": {code: counts[f"reason.{code}"] for code in REASONS if counts[f"reason.{code}"]},
+        })
+        accounted = counts["silver_rows"] + counts["quarantined_rows"] + counts["duplicates_dropped"]
+        if accounted != bronze_rows or counts["labelled_rows"] != bronze_rows:
+            raise StreamrankError(
+                f"conservation violated for ingest_date={day}: bronze {bronze_rows} rows != silver {counts['silver_rows']}"
+                f" + quarantined {counts['quarantined_rows']} + duplicates {counts['duplicates_dropped']}"
+                f" (labelled {counts['labelled_rows']}); nothing published"
+            )
+
+        run_id = ctx.run_id
+        silver = to_silver(labelled, run_id, day)
+        quarantine = to_quarantine(labelled, run_id, day, dt.datetime.now(dt.UTC))
+        with phases("validate"):
+            median = trailing_median_rows(ctx, day)
+            summary = summary_row(counts, bronze_rows, median)
+            run.metrics["quarantine_ratio"] = round(summary["quarantine_ratio"], 6)
+            run.metrics["volume_ratio"] = None if summary["volume_ratio"] is None else round(summary["volume_ratio"], 4)
+            band = float(ctx.cfg.get("quality.volume_band", 0.5))
+            params = {"max_quarantine_ratio": float(ctx.cfg.get("quality.max_quarantine_ratio", 0.1)),
+                      "min_volume_ratio": 1.0 - band, "max_volume_ratio": 1.0 + band}
+            docs_root = ctx.cfg.reports / "data_docs"
+            reports = [validate(silver, SILVER_SUITE, docs_root, f"clean-{day}-{run_id}")]
+        with phases("validate_summary"):
+            reports.append(validate(summary_frame(spark, summary), SUMMARY_SUITE, docs_root, f"clean-{day}-{run_id}", params))
+            # results are history: stored whether or not the gate passes
+            ctx.table("ops/dq_results").append_rows([row for r in reports for row in r.rows(run_id, STAGE, day)])
+        for report in reports:
+            for o in report.warnings_failed:
+                print(f"[clean] quality warning: {report.suite}: {o.expectation} observed {o.observed_value}", flush=True)
+        run.metrics["data_docs"] = [r.data_docs for r in reports]
+        _gate(reports)
+
+        with phases("publish"):
+            # Each table is replaced atomically for this ingest date only (other ingest dates,
+            # including other rows of the same event_date partitions, are untouched).
+            commit = {"stage": STAGE, "run_id": run_id, "ingest_date": day.isoformat()}
+            res = silver_t.overwrite(silver, where={"ingest_date": day}, commit_info=commit)
+            run.wrote(SILVER, res.version)
+            res = quarantine_t.overwrite(quarantine, where={"ingest_date": day}, commit_info=commit)
+            run.wrote(QUARANTINE, res.version)
+        run.message = (f"{bronze_rows} bronze -> {counts['silver_rows']} silver + {counts['quarantined_rows']} quarantined"
+                       f" + {counts['duplicates_dropped']} duplicates")
+        return dict(run.metrics)
+    finally:
+        for df in cached:
+            df.unpersist()
+
+
+def _known_ids(ctx: Context, run: StageRun, day: dt.date) -> tuple[set[str], set[str]]:
+    """Product ids of the catalog snapshot of D and stream ids of the schedules of D-1 and D.
+
+    One small Spark job collects both (a few thousand ids): they become hash-set lookups
+    in the labelling scan. A missing catalog snapshot is a missing input (exit 5), not a
+    day on which every product is unknown; a missing schedule is left to the reasons
+    (and the quarantine budget), since D-1 legitimately has none on a warehouse's first day.
+    """
+    products_t, streams_t = ctx.table(PRODUCTS), ctx.table(STREAMS)
+    pv, sv = products_t.version(), streams_t.version()
+    run.read(PRODUCTS, pv)
+    run.read(STREAMS, sv)
+    if not partition_rows(products_t, pv, "snapshot_date", [day]):
+        raise MissingInputError(
+            f"{PRODUCTS} has no rows for snapshot_date={day}: without the catalog every product would be 'unknown';"
+            f" run `streamrank ingest --date {day}` first"
+        )
+    products = products_t.read(version=pv).filter(F.col("snapshot_date") == F.lit(day)).select(
+        F.lit("p").alias("kind"), F.col("product_id").alias("id"))
+    streams = streams_t.read(version=sv).filter(F.col("snapshot_date").isin([day - dt.timedelta(days=1), day])).select(
+        F.lit("s").alias("kind"), F.col("stream_id").alias("id"))
+    known: dict[str, set[str]] = {"p": set(), "s": set()}
+    for r in products.unionByName(streams).filter(F.col("id").isNotNull()).collect():
+        known[r["kind"]].add(r["id"])
+    return known["p"], known["s"]
+
+
+def _prior_ids(silver_t: DeltaTable, version: int | None, day: dt.date, rules: CleanRules) -> DataFrame | None:
+    """event_ids in silver from the dedup_lookback_days ingest dates before D (never D itself).
+
+    Excluding D is what keeps a re-run from deduplicating against its own earlier output.
+    The event_date bounds only prune partitions: a row of ingest date D-k has an
+    event_date between D-k-max_lateness and D-k+1.
+    """
+    if not version or rules.dedup_lookback_days <= 0:
+        return None
+    first = day - dt.timedelta(days=rules.dedup_lookback_days)
+    if not _may_hold_ingest_dates(silver_t, version, first, day - dt.timedelta(days=1)):
+        return None  # e.g. a warehouse's first day, or a re-run of it: no scan at all
+    lo = first - dt.timedelta(days=rules.max_lateness_days + 1)
+    return (
+        silver_t.read(version=version)
+        .filter(F.col("event_date").between(F.lit(lo), F.lit(day)))
+        .filter(F.col("ingest_date").between(F.lit(first), F.lit(day - dt.timedelta(days=1))))
+        .select("event_id")
+    )
+
+
+def _may_hold_ingest_dates(table: DeltaTable, version: int, first: dt.date, last: dt.date) -> bool:
+    """Whether any file's ingest_date statistics overlap [first, last] (True when unsure)."""
+    adds = pa.table(deltalake.DeltaTable(table.uri, version=version).get_add_actions(flatten=True)).to_pydict()
+    lows, highs = adds.get("min.ingest_date"), adds.get("max.ingest_date")
+    if lows is None or highs is None:
+        return bool(adds.get("path"))
+    for lo, hi in zip(lows, highs, strict=True):
+        if lo is None or hi is None:
+            return True
+        if _as_date(lo) <= last and _as_date(hi) >= first:
+            return True
+    return False
+
+
+def _as_date(value: Any) -> dt.date:
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    return dt.date.fromisoformat(str(value)[:10])
+
+
+def run(ctx: Context, args: argparse.Namespace) -> int:
+    """`streamrank clean --date D`: errors propagate with their exit code (cli.main maps them)."""
+    clean(ctx, args.date)
+    return 0

@@ -1,0 +1,130 @@
+"""Benchmark: `clean` (type, reasons, bots, dedup, GX gate, two Delta commits) of one day
+vs a plain typed copy of the same bronze rows.
+
+The reference is the least a typing job does: read the day's bronze rows, cast the
+numeric columns, parse event_ts, write Parquet. clean does all of that plus the reason
+codes, the bot rule, deduplication, the conservation counts, two GX suites with their
+data docs and two Delta commits; the target is that all of it costs at most 2x the copy.
+One generated day (scale 1, or 0.2 when quick) is ingested once; then three repetitions
+each, in alternating order, every clean on a fresh silver (silver/ removed first), and
+the medians are compared. clean's own phase timings (run.metrics["phases_s"]) of the
+median run come back in the row as `phases_s`, so a regression says where it is.
+
+Run standalone: `python tests/benchmarks/bench_clean.py [--quick] [--workdir DIR]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from streamrank.config import Config, load_config
+from streamrank.context import Context
+
+DATE = dt.date(2026, 11, 1)
+TARGET = 2.0
+REPS = 3
+
+
+def typed_copy(bronze: DataFrame) -> DataFrame:
+    """The reference transformation: every bronze column cast to its silver type, nothing else."""
+    return bronze.select(
+        "event_id", "viewer_id", "session_id", "stream_id", "host_id", "product_id", "event_type",
+        F.try_to_timestamp(F.col("event_ts")).alias("event_ts"),
+        F.col("dwell_ms").try_cast("bigint").alias("dwell_ms"),
+        F.col("price_paid").try_cast("double").alias("price_paid"),
+        F.col("quantity").try_cast("int").alias("quantity"),
+        "device_id", "ip", "comment_text", "app_version", "raw_line", "parse_ok", "source_file", "line_number",
+        "ingest_date",
+    )
+
+
+def _time_reference(ctx: Context, out: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    bronze = ctx.table("bronze/viewer_events").read().filter(F.col("ingest_date") == F.lit(DATE))
+    typed_copy(bronze).write.parquet(str(out))
+    return time.perf_counter() - t0
+
+
+def _time_clean(ctx: Context) -> tuple[float, dict[str, Any]]:
+    from streamrank.clean import clean
+
+    shutil.rmtree(ctx.cfg.warehouse / "silver", ignore_errors=True)
+    t0 = time.perf_counter()
+    metrics = clean(ctx, DATE)
+    return time.perf_counter() - t0, metrics
+
+
+def prepare(spark: SparkSession, cfg: Config, workdir: Path, scale: float) -> Context:
+    """Generate and ingest the day once (not timed); return a context on that warehouse."""
+    from streamrank.generate import generate
+    from streamrank.ingest import ingest
+
+    landing, warehouse = workdir / f"landing-scale-{scale:g}", workdir / f"warehouse-scale-{scale:g}"
+    ctx = Context(cfg.with_overrides({"warehouse.root": str(warehouse), "landing.root": str(landing)}))
+    ctx.spark = spark  # the benchmark's session, whatever build_session would pick
+    if not (landing / "_ledger" / "ledger.json").exists():
+        shutil.rmtree(landing, ignore_errors=True)
+        generate(landing, DATE, 1, scale=scale, faults=True)
+    if not ctx.table("bronze/viewer_events").version():
+        ingest(ctx, DATE)
+    return ctx
+
+
+def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool) -> list[dict[str, Any]]:
+    """Time clean+validate of one day against the typed copy, median of REPS each."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = prepare(spark, cfg, workdir, 0.2 if quick else 1.0)
+    ours: list[tuple[float, dict[str, Any]]] = []
+    ref: list[float] = []
+    for i in range(REPS):
+        steps = [
+            lambda: ours.append(_time_clean(ctx)),
+            lambda i=i: ref.append(_time_reference(ctx, workdir / f"bench-clean-ref-{i}")),
+        ]
+        for step in steps if i % 2 == 0 else reversed(steps):
+            step()
+        shutil.rmtree(workdir / f"bench-clean-ref-{i}", ignore_errors=True)
+    ours_s, ref_s = statistics.median(t for t, _ in ours), statistics.median(ref)
+    median_run = sorted(ours, key=lambda r: r[0])[len(ours) // 2][1]
+    ratio = ours_s / ref_s
+    return [{
+        "name": "clean", "ours_s": round(ours_s, 3), "reference": "typed bronze -> parquet",
+        "reference_s": round(ref_s, 3), "ratio": round(ratio, 3), "target": TARGET, "ok": ratio <= TARGET,
+        "rows": median_run.get("bronze_rows"), "phases_s": median_run.get("phases_s"),
+        "runs_s": [round(t, 3) for t, _ in ours], "reference_runs_s": [round(t, 3) for t in ref],
+    }]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="scale 0.2 instead of 1")
+    parser.add_argument("--workdir", help="where landing data and warehouses go (default: a temp dir)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    args = parser.parse_args(argv)
+    from streamrank.spark import build_session
+
+    cfg = load_config(None, ["spark.master=local[2]", *args.set])
+    spark = build_session(cfg, app_name="bench-clean")
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-clean-"))
+    rows = run(spark, cfg, workdir, args.quick)
+    for row in rows:
+        print(json.dumps(row, default=str))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The nightly as a scheduler runs it: kills, re-runs, concurrent runs, bad input, the report.
+
+One small world (3 days of synthetic data with faults) is built once through the real
+nightly; each test then attacks it. Kills are real SIGKILLs of a separate `streamrank`
+process between its Parquet write and its Delta commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from streamrank.clean import clean
+from streamrank.context import Context
+from streamrank.delta import Warehouse
+from streamrank.generate import generate
+from streamrank.ingest import ingest
+from streamrank.nightly import nightly
+from streamrank.promote import promote
+from streamrank.registry import by_alias
+from streamrank.schemas import all_table_names
+
+D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
+D4 = D3 + dt.timedelta(days=1)
+CLI = [sys.executable, "-m", "streamrank.cli"]
+
+
+def settings(cfg) -> list[str]:
+    return ["--set", f"warehouse.root={cfg.warehouse}", "--set", f"landing.root={cfg.landing}",
+            "--set", "spark.master=local[2]", "--set", "spark.shuffle_partitions=2", "--set", "train.max_epochs=2"]
+
+
+def table_rows(wh: Warehouse, name: str, drop: tuple[str, ...] = ()) -> list[tuple]:
+    df = wh.table(name).read()
+    cols = [c for c in df.columns if c not in drop]
+    return sorted((tuple(r) for r in df.select(*cols).collect()), key=lambda t: tuple((v is None, str(v)) for v in t))
+
+
+def versions(wh: Warehouse) -> dict[str, int | None]:
+    return {name: wh.table(name).version() for name in all_table_names()}
+
+
+@pytest.fixture(scope="module")
+def world(spark, base_conf, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    cfg = base_conf.with_overrides({"warehouse.root": str(root / "warehouse"), "landing.root": str(root / "landing"),
+                                    "train.max_epochs": 2, "train.progress": False})
+    generate(cfg.landing, D1, 3, scale=0.01, faults=True, seed=5)
+    ctx = Context(cfg)
+    for day in (D1, D2, D3):
+        assert nightly(ctx, day) == 0
+    if by_alias(cfg, "champion") is None:  # the tiny model may not beat most-popular: promote it by hand
+        promote(ctx, version=by_alias(cfg, "challenger").version, force=True, reason="e2e fixture")
+        nightly(ctx, D3, from_stage="score")
+    wh = ctx.warehouse
+    baseline = table_rows(wh, "gold/user_product_rankings", drop=("run_id",))
+    assert baseline, "the fixture night must publish rankings"
+    return {"cfg": cfg, "ctx": ctx, "wh": wh, "rankings": baseline}
+
+
+def run_cli(args: list[str], env_extra: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(CLI + args, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_rankings_cover_tomorrow_with_lineage(world):
+    wh = world["wh"]
+    df = wh.table("gold/user_product_rankings").read()
+    assert {r.score_date for r in df.select("score_date").distinct().collect()} == {D4}
+    assert df.filter("model_version IS NULL OR run_id IS NULL OR purchase_prob < 0 OR purchase_prob > 1").count() == 0
+    intent = wh.table("gold/user_intent_scores").read()
+    assert intent.count() == intent.select("viewer_id").distinct().count() == df.select("viewer_id").distinct().count()
+
+
+def test_rerun_of_the_night_changes_nothing(world):
+    wh, ctx = world["wh"], world["ctx"]
+    before = versions(wh)
+    assert nightly(ctx, D3) == 0  # every stage already succeeded for D3: all skipped
+    after = versions(wh)
+    assert {k: v for k, v in after.items() if not k.startswith("ops/")} == {k: v for k, v in before.items() if not k.startswith("ops/")}
+    # re-running the data stages by hand rewrites them to identical contents
+    bronze = table_rows(wh, "bronze/viewer_events", drop=("ingest_run_id", "ingested_at"))
+    silver = table_rows(wh, "silver/viewer_events", drop=("clean_run_id",))
+    quarantine = table_rows(wh, "silver/quarantine", drop=("clean_run_id", "quarantined_at"))
+    ingest(ctx, D3)
+    clean(ctx, D3)
+    assert table_rows(wh, "bronze/viewer_events", drop=("ingest_run_id", "ingested_at")) == bronze
+    assert table_rows(wh, "silver/viewer_events", drop=("clean_run_id",)) == silver
+    assert table_rows(wh, "silver/quarantine", drop=("clean_run_id", "quarantined_at")) == quarantine
+
+
+@pytest.mark.parametrize("stage, table", [
+    ("clean", "silver/viewer_events"),
+    ("features", "gold/training_examples"),
+    ("score", "gold/user_product_rankings"),
+])
+def test_kill_9_before_commit_then_rerun(world, stage, table):
+    wh, cfg = world["wh"], world["cfg"]
+    before = versions(wh)
+    drop = ("run_id", "clean_run_id", "ingest_run_id", "quarantined_at")
+    expected = table_rows(wh, table, drop=drop)
+    proc = run_cli([stage, "--date", str(D3), *settings(cfg)], {"STREAMRANK_FAULT_BEFORE_COMMIT": f"{table}:kill"})
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    after = versions(wh)
+    assert after[table] == before[table], f"{table} moved to {after[table]} although its writer was killed"
+    for name in all_table_names():  # every table readable at a committed version
+        wh.table(name).read().limit(1).collect()
+    proc = run_cli([stage, "--date", str(D3), *settings(cfg)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert table_rows(wh, table, drop=drop) == expected
+
+
+def test_second_concurrent_nightly_exits_2_naming_holder(world):
+    cfg = world["cfg"]
+    lock = cfg.warehouse / "_locks" / "nightly.lock"
+    first = subprocess.Popen(CLI + ["nightly", "--date", str(D3), "--from", "report", *settings(cfg)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not lock.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert lock.exists(), "first nightly never took the lock"
+        holder = json.loads(lock.read_text())
+        second = run_cli(["nightly", "--date", str(D3), *settings(cfg)])
+        assert second.returncode == 2
+        assert f"pid {holder['pid']}" in second.stderr and "another nightly holds" in second.stderr
+    finally:
+        out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+
+
+def test_stale_lock_of_killed_run_does_not_block(world):
+    cfg = world["cfg"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = cfg.warehouse / "_locks" / "nightly.lock"
+    lock.parent.mkdir(exist_ok=True)
+    import socket
+
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started_at": "2026-11-03T01:30:00+00:00"}))
+    proc = run_cli(["nightly", "--date", str(D3), "--from", "report", *settings(cfg)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "took over a stale lock" in proc.stdout
+    assert not lock.exists()
+
+
+def test_day_without_landing_files_exits_5_and_publishes_nothing(world):
+    wh, cfg = world["wh"], world["cfg"]
+    before = versions(wh)
+    proc = run_cli(["nightly", "--date", "2026-12-01", *settings(cfg)])
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    assert "events/date=2026-12-01" in proc.stderr
+    after = versions(wh)
+    assert {k: v for k, v in after.items() if k != "ops/job_runs"} == {k: v for k, v in before.items() if k != "ops/job_runs"}
+
+
+def test_corrupt_schedule_file_exits_5_naming_it(world, tmp_path):
+    wh, cfg = world["wh"], world["cfg"]
+    landing = tmp_path / "landing"
+    shutil.copytree(cfg.landing, landing)
+    # day 4 lands (events and catalog), and with it a broken schedule for day 5
+    d5 = D4 + dt.timedelta(days=1)
+    shutil.copytree(landing / "events" / f"date={D3}", landing / "events" / f"date={D4}")
+    shutil.copy(landing / "catalog" / f"products_{D3}.csv", landing / "catalog" / f"products_{D4}.csv")
+    shutil.copy(landing / "schedule" / f"streams_{D4}.csv", landing / "schedule" / f"streams_{d5}.csv")
+    bad = landing / "schedule" / f"stream_products_{d5}.csv"
+    bad.write_text("stream_id,product_id,slot_start_ts,slot_end_ts,live_price\nst1,p1,not-a-time,2026-11-05T10:00:00Z,9.5\n")
+    before = versions(wh)
+    args = settings(cfg)
+    args[args.index(f"landing.root={cfg.landing}")] = f"landing.root={landing}"
+    proc = run_cli(["ingest", "--date", str(D4), *args])
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    assert f"stream_products_{d5}.csv" in proc.stderr
+    after = versions(wh)
+    assert {k: v for k, v in after.items() if k != "ops/job_runs"} == {k: v for k, v in before.items() if k != "ops/job_runs"}
+
+
+def test_report_renders_with_images_in_headless_chromium(world, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian package chromium; .ci/run installs it)")
+    page = world["cfg"].reports / str(D3) / "index.html"
+    assert page.exists()
+    pngs = sorted(p.name for p in page.parent.glob("*.png"))
+    assert {"rows_per_day.png", "quarantine_reasons.png"} <= set(pngs)
+    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
+                           page.as_uri()], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'data-images-ok="true"' in proc.stdout, proc.stdout[:2000]
+    assert f'data-images="{len(pngs)}"' in proc.stdout
+    assert "Quarantine" in proc.stdout and "Rows per layer and day" in proc.stdout
