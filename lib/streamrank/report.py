@@ -96,9 +96,10 @@ def build_report(ctx: Context, date: dt.date) -> Path:
     ax.set_ylabel("rows")
     ax.legend(fontsize=7)
     fig.autofmt_xdate()
-    table_rows = [(name, *(counts[name].get(since + dt.timedelta(days=i), "") for i in range(14))) for name, _ in LAYERS]
+    days = [since + dt.timedelta(days=i) for i in range(15)]  # the last column is D+1: tomorrow's rankings
+    table_rows = [(name, *(counts[name].get(d, "") for d in days)) for name, _ in LAYERS]
     sections.append("<h2>Rows per layer and day</h2>" + _save(fig, out, "rows_per_day.png")
-                    + _table(["table"] + [(since + dt.timedelta(days=i)).strftime("%m-%d") for i in range(14)], table_rows))
+                    + _table(["table"] + [d.strftime("%m-%d") for d in days], table_rows))
 
     # 2. quarantine by reason
     reasons = quarantine_reasons(ctx, date)
