@@ -198,3 +198,25 @@ def test_report_renders_with_images_in_headless_chromium(world, tmp_path):
     assert 'data-images-ok="true"' in proc.stdout, proc.stdout[:2000]
     assert f'data-images="{len(pngs)}"' in proc.stdout
     assert "Quarantine" in proc.stdout and "Rows per layer and day" in proc.stdout
+
+
+def test_sql_views_latest_and_older_version(world, capsys, tmp_path):
+    from streamrank.analyst import run_sql
+
+    ctx, wh = world["ctx"], world["wh"]
+    n_ranked = wh.table("gold/user_product_rankings").read().count()
+    assert run_sql(ctx, f"SELECT count(*) AS n FROM gold_user_product_rankings WHERE score_date = '{D4}'") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].strip() == "n" and out[2].strip() == str(n_ranked)
+    # an older version of silver: version 1 held day 1 only
+    assert run_sql(ctx, "SELECT min(ingest_date) AS lo, max(ingest_date) AS hi FROM silver_viewer_events",
+                   as_of_version=["silver/viewer_events=1"]) == 0
+    assert out_line(capsys) == f"{D1}  {D1}"
+    target = tmp_path / "q.csv"
+    assert run_sql(ctx, "SELECT reason, count(*) n FROM silver_quarantine LATERAL VIEW explode(reasons) AS reason GROUP BY reason",
+                   out=str(target)) == 0
+    assert target.read_text().splitlines()[0] == "reason,n"
+
+
+def out_line(capsys) -> str:
+    return capsys.readouterr().out.splitlines()[2].strip()
