@@ -642,8 +642,9 @@ def evaluate(ctx: Context, date: dt.date) -> dict[str, Any]:
                 if slope is not None:
                     figures["calibrator_slope"] = float(slope)
                     if float(slope) <= 0:
-                        notes.append(f"{cand} v{ref.version}: the Platt calibrator has slope {float(slope):.3f} <= 0, it inverts "
-                                     "the intent head (anti-correlated on validation); intent_auc_raw shows the head itself")
+                        notes.append(f"{cand} v{ref.version}: the Platt calibrator has slope {float(slope):.3f}: the intent head "
+                                     "is not better than chance on validation, so probabilities are the base rate; "
+                                     "intent_auc_raw shows the head itself")
                 if not lm.calibrator:
                     notes.append(f"{cand} v{ref.version} has no calibrator (its validation set had one class): "
                                  "intent figures use raw probabilities")
