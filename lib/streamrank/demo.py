@@ -14,6 +14,8 @@ from pyspark.sql import functions as F
 from streamrank.context import Context
 from streamrank.generate import generate
 from streamrank.nightly import nightly
+from streamrank.promote import promote
+from streamrank.registry import CHALLENGER, CHAMPION, by_alias
 from streamrank.schemas import all_table_names
 
 
@@ -28,6 +30,14 @@ def demo(ctx: Context, start: dt.date, days: int, scale: float, seed: int = 7) -
         nightly(ctx, date)
     last = start + dt.timedelta(days=days - 1)
     tomorrow = last + dt.timedelta(days=1)
+    if by_alias(cfg, CHAMPION) is None and (challenger := by_alias(cfg, CHALLENGER)) is not None:
+        # The gate is right to refuse a model that does not beat most-popular; a demo still
+        # wants to show scoring, so it takes the human path a release manager would: --force.
+        print(f"[demo] no challenger passed the gate this week; promoting v{challenger.version} with --force "
+              "(tagged with who and why) to show scoring - in production that is a person's decision")
+        promote(ctx, date=last, version=challenger.version, force=True,
+                reason="make demo: show scoring although no model beat most-popular on this small week")
+        nightly(ctx, last, from_stage="score")
     print(f"\n== streamrank demo done in {time.perf_counter() - t0:.0f} s")
     print(f"tables (Delta, engine {ctx.warehouse.engine}) under {cfg.warehouse}:")
     for name in all_table_names():
