@@ -30,6 +30,7 @@ from streamrank.clean import (
     find_bots,
     label,
     row_reasons,
+    sliding_max,
     type_events,
 )
 from streamrank.context import Context
@@ -166,6 +167,7 @@ def test_bot_rule_sliding_windows(spark):
     add("v_buyer", [k * 170.0 for k in range(21)], "purchase")     # 21 purchases within one hour: bot
     add("v_shopper", [k * 180.0 for k in range(20)], "purchase")   # 20 purchases in an hour: at the limit, not a bot
     rules = CleanRules()  # 30 events / minute, 20 purchases / hour
+    assert sliding_max([0, 10, 59_999_999, 60_000_000, 60_000_011], 60_000_000) == 3  # windows are (t - 60 s, t]
     bronze = spark.createDataFrame(rows, table_spec("bronze/viewer_events").schema)
     typed = type_events(bronze)
     bots = find_bots(typed, rules)
@@ -272,8 +274,13 @@ def _catalog(ctx: Context, spark, day: dt.date) -> None:
         table_spec("bronze/streams").schema))
 
 
-def test_no_bronze_rows_is_missing_input(spark, conf):
+def test_missing_inputs_exit_5(spark, conf):
     ctx = Context(conf)
     with pytest.raises(MissingInputError, match=r"bronze/viewer_events has no rows for ingest_date=2026-03-01") as err:
         clean(ctx, D1)
     assert err.value.exit_code == 5
+    row = _bronze_row(0, "v1", "2026-03-01T10:00:00Z")
+    ctx.table("bronze/viewer_events").append(spark.createDataFrame([row], table_spec("bronze/viewer_events").schema))
+    with pytest.raises(MissingInputError, match=r"bronze/products has no rows for snapshot_date=2026-03-01"):
+        clean(ctx, D1)
+    assert ctx.table("silver/viewer_events").version() in (None, 0)
