@@ -76,7 +76,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from streamrank.errors import MissingInputError, QualityGateError, StreamrankError
+from streamrank.errors import MissingInputError, StreamrankError
 
 if TYPE_CHECKING:
     from streamrank.config import Config
@@ -520,19 +520,9 @@ class _Phases:
 
 
 def _gate(reports: Sequence[Any]) -> None:
-    """Raise one QualityGateError naming every failed critical expectation of every suite."""
-    from streamrank.quality import raise_on_critical
+    from streamrank.quality import raise_on_critical_all
 
-    errors: list[QualityGateError] = []
-    for report in reports:
-        try:
-            raise_on_critical(report)
-        except QualityGateError as exc:
-            errors.append(exc)
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise QualityGateError("\n".join(str(e) for e in errors), data_docs=errors[0].data_docs)
+    raise_on_critical_all(reports)
 
 
 # ------------------------------------------------------------------------------ the stage

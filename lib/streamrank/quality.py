@@ -33,6 +33,7 @@ import re
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -706,3 +707,19 @@ def _uri_to_path(uri: str) -> Path:
     """file:// URI (GX's, possibly with '..' segments) to a resolved local path."""
     parsed = urlparse(uri)
     return Path(unquote(parsed.path) if parsed.scheme == "file" else uri).resolve()
+
+
+def raise_on_critical_all(reports: Sequence[ValidationReport]) -> None:
+    """One QualityGateError naming the failed critical checks of every suite a stage validated,
+    so an operator sees all of them at once instead of fixing one per re-run."""
+    errors: list[QualityGateError] = []
+    for report in reports:
+        try:
+            raise_on_critical(report)
+        except QualityGateError as exc:
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise QualityGateError("\n".join(str(e) for e in errors), data_docs=errors[0].data_docs)
+

@@ -703,20 +703,9 @@ def _tier_thresholds(catalog: DataFrame) -> list[float]:
 
 
 def _gate(reports: Sequence[Any]) -> None:
-    """One QualityGateError naming the failed critical checks of every suite."""
-    from streamrank.errors import QualityGateError
-    from streamrank.quality import raise_on_critical
+    from streamrank.quality import raise_on_critical_all
 
-    errors: list[QualityGateError] = []
-    for report in reports:
-        try:
-            raise_on_critical(report)
-        except QualityGateError as exc:
-            errors.append(exc)
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise QualityGateError("\n".join(str(e) for e in errors), data_docs=errors[0].data_docs)
+    raise_on_critical_all(reports)
 
 
 class _Phases:
