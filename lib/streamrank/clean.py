@@ -519,12 +519,6 @@ class _Phases:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
-def _gate(reports: Sequence[Any]) -> None:
-    from streamrank.quality import raise_on_critical_all
-
-    raise_on_critical_all(reports)
-
-
 # ------------------------------------------------------------------------------ the stage
 
 def clean(ctx: Context, date: dt.date) -> dict[str, Any]:
@@ -543,7 +537,7 @@ def clean(ctx: Context, date: dt.date) -> dict[str, Any]:
 
 
 def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
-    from streamrank.quality import validate
+    from streamrank.quality import record_and_gate, validate
 
     phases = _Phases()
     rules = CleanRules.from_config(ctx.cfg)
@@ -609,13 +603,8 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
             reports = [validate(silver, SILVER_SUITE, docs_root, f"clean-{day}-{run_id}")]
         with phases("validate_summary"):
             reports.append(validate(summary_frame(spark, summary), SUMMARY_SUITE, docs_root, f"clean-{day}-{run_id}", params))
-            # results are history: stored whether or not the gate passes
-            ctx.table("ops/dq_results").append_rows([row for r in reports for row in r.rows(run_id, STAGE, day)])
-        for report in reports:
-            for o in report.warnings_failed:
-                print(f"[clean] quality warning: {report.suite}: {o.expectation} observed {o.observed_value}", flush=True)
         run.metrics["data_docs"] = [r.data_docs for r in reports]
-        _gate(reports)
+        record_and_gate(reports, ctx.table("ops/dq_results"), run_id, STAGE, day)
 
         with phases("publish"):
             # Each table is replaced atomically for this ingest date only (other ingest dates,

@@ -723,3 +723,15 @@ def raise_on_critical_all(reports: Sequence[ValidationReport]) -> None:
     if errors:
         raise QualityGateError("\n".join(str(e) for e in errors), data_docs=errors[0].data_docs)
 
+
+def record_and_gate(reports: Sequence[ValidationReport], dq_table: Any, run_id: str, stage: str,
+                    run_date: dt.date) -> None:
+    """What every gated stage does after validating: store every result in ops/dq_results
+    (history, whether or not the gate passes), print failed warnings, then stop on any
+    critical failure (exit 3) naming all of them."""
+    dq_table.append_rows([row for r in reports for row in r.rows(run_id, stage, run_date)])
+    for report in reports:
+        for o in report.warnings_failed:
+            print(f"[{stage}] quality warning: {report.suite}: {o.expectation} observed {o.observed_value}", flush=True)
+    raise_on_critical_all(reports)
+

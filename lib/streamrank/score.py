@@ -702,12 +702,6 @@ def _tier_thresholds(catalog: DataFrame) -> list[float]:
     return [float(q) for q in row["q"]] if row is not None and row["q"] is not None else []
 
 
-def _gate(reports: Sequence[Any]) -> None:
-    from streamrank.quality import raise_on_critical_all
-
-    raise_on_critical_all(reports)
-
-
 class _Phases:
     """Wall time per named phase: where a score run spends its time (run.metrics["phases_s"])."""
 
@@ -730,7 +724,7 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
     QualityGateError (exit 3) before writing anything; on success both score_date = D+1
     partitions are replaced, one commit per table.
     """
-    from streamrank.quality import validate
+    from streamrank.quality import record_and_gate, validate
 
     tomorrow = date + dt.timedelta(days=1)
     cfg = ctx.cfg
@@ -790,13 +784,8 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
                 run_name = f"score-{date}-{ctx.run_id}"
                 reports = [validate(rankings, RANKINGS_SUITE, docs_root, run_name),
                            validate(intent, INTENT_SUITE, docs_root, run_name)]
-                # results are history: stored whether or not the gate passes
-                ctx.table("ops/dq_results").append_rows([row for r in reports for row in r.rows(ctx.run_id, STAGE, date)])
-            for report in reports:
-                for o in report.warnings_failed:
-                    print(f"[score] quality warning: {report.suite}: {o.expectation} observed {o.observed_value}", flush=True)
             run.metrics["data_docs"] = [r.data_docs for r in reports]
-            _gate(reports)
+            record_and_gate(reports, ctx.table("ops/dq_results"), ctx.run_id, STAGE, date)
 
             with phases("publish"):
                 commit = {"stage": STAGE, "run_id": ctx.run_id, "score_date": tomorrow.isoformat(),
