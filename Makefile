@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 DEMO_SCALE ?= 0.05
 DEMO_START ?= 2026-11-01
 DEMO_DAYS ?= 7
+# the demo's training budget per night (conf default: 10 epochs with early stopping)
+DEMO_EPOCHS ?= 3
 QUICK ?= 0
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
@@ -31,7 +33,8 @@ $(STAMP): setup.py constraints.txt
 	@echo "== installed: $$($(PY) -c 'import pyspark, deltalake, torch, mlflow, great_expectations as gx; print("pyspark", pyspark.__version__, "deltalake", deltalake.__version__, "torch", torch.__version__, "mlflow", mlflow.__version__, "gx", gx.__version__)')"
 
 demo: install
-	$(VENV)/bin/streamrank demo --start $(DEMO_START) --days $(DEMO_DAYS) --scale $(DEMO_SCALE)
+	$(VENV)/bin/streamrank demo --start $(DEMO_START) --days $(DEMO_DAYS) --scale $(DEMO_SCALE) \
+	  --set train.max_epochs=$(DEMO_EPOCHS)
 
 test: install
 	$(PY) -m pytest -q tests/unit tests/integration tests/e2e
