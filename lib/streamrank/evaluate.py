@@ -464,14 +464,19 @@ def popularity_scores(counts: np.ndarray) -> np.ndarray:
     return counts + 0.5 * (1.0 - np.arange(n) / max(n, 1))
 
 
-def score_lookup(h: Holdout, item_scores: np.ndarray, viewer_scores: np.ndarray | None,
+def score_lookup(h: Holdout, item_scores: np.ndarray, factors: tuple[np.ndarray, np.ndarray] | None,
                  catalogue: np.ndarray) -> Scored:
-    """Rank with per-item scores (most-popular) or per-(viewer, item) scores [B, n_ids] (ALS)."""
+    """Rank with per-item scores (most-popular) or with factors (U [B, r], V [n_ids, r]) (ALS).
+
+    Factor scores are formed batch by batch: the dense [holdout rows x catalogue] matrix
+    would be 6 GB at scale 1 and ~90 GB at scale 4.
+    """
     def gather(ids: np.ndarray, rows: slice) -> np.ndarray:
-        ids = np.clip(ids, 0, item_scores.shape[-1] - 1)
-        if viewer_scores is None:
-            return item_scores[ids]
-        vs = viewer_scores[rows]
+        if factors is None:
+            return item_scores[np.clip(ids, 0, item_scores.shape[-1] - 1)]
+        users, items = factors
+        vs = users[rows] @ items.T
+        ids = np.clip(ids, 0, vs.shape[1] - 1)
         return np.take_along_axis(vs, ids.reshape(vs.shape[0], -1), axis=1).reshape(ids.shape)
 
     parts: dict[str, list[Any]] = {"cand_ranks": [], "full_ranks": [], "cand_top": [], "full_top": []}
@@ -487,8 +492,8 @@ def score_lookup(h: Holdout, item_scores: np.ndarray, viewer_scores: np.ndarray 
 
 
 def als_scores(ctx: Context, date: dt.date, h: Holdout, vocab: Mapping[str, Mapping[str, int]],
-               run: StageRun | None = None) -> np.ndarray | None:
-    """[B, n_ids] ALS scores for the holdout viewers (None when the window has no interactions).
+               run: StageRun | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """ALS factors (U [B, rank] per holdout row, V [n_ids, rank]; None when the window has no interactions).
 
     Spark MLlib ALS, implicit feedback, on the training window's (viewer, product) pairs
     weighted by event type (ALS_EVENT_WEIGHTS, summed). Viewers or products without factors
@@ -517,23 +522,34 @@ def als_scores(ctx: Context, date: dt.date, h: Holdout, vocab: Mapping[str, Mapp
                   userCol="user", itemCol="item", ratingCol="w", seed=int(cfg["train.seed"]),
                   coldStartStrategy="drop", nonnegative=False)
         model = als.fit(data)
-        users = {int(r["id"]): np.asarray(r["features"], dtype=np.float64) for r in model.userFactors.collect()}
-        items = {int(r["id"]): np.asarray(r["features"], dtype=np.float64) for r in model.itemFactors.collect()}
+        # Arrow, not Row objects: hundreds of thousands of factor rows reach numpy in one piece.
+        user_ids, user_f = _factors(model.userFactors.toArrow())
+        item_ids, item_f = _factors(model.itemFactors.toArrow())
     finally:
         inter.unpersist()
     rank = int(ctx.cfg["evaluate.als_rank"])
     n_ids = max([UNK_ID, *products.values()]) + 1
     V = np.zeros((n_ids, rank))
-    for i, f in items.items():
-        if i < n_ids:
-            V[i] = f
+    keep = item_ids < n_ids
+    V[item_ids[keep]] = item_f[keep]
+    # holdout row -> ALS user index (StringIndexer label order) -> factor row; 0 when unknown
     label_of = {v: i for i, v in enumerate(indexer.labels)}
+    factor_row = np.full(len(indexer.labels), -1, dtype=np.int64)
+    factor_row[user_ids] = np.arange(user_ids.size)
+    user = np.array([label_of.get(v, -1) for v in h.viewer_id], dtype=np.int64)
+    row = np.where(user >= 0, factor_row[np.maximum(user, 0)], -1)
     U = np.zeros((len(h), rank))
-    for row, viewer in enumerate(h.viewer_id):
-        u = label_of.get(viewer)
-        if u is not None and u in users:
-            U[row] = users[u]
-    return U @ V.T
+    U[row >= 0] = user_f[row[row >= 0]]
+    return U, V
+
+
+def _factors(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [n], factors [n, rank]) from an ALS factor frame (id int, features array<float>)."""
+    ids = table.column("id").to_numpy().astype(np.int64)
+    feats = table.column("features").combine_chunks()
+    width = len(feats[0]) if len(feats) else 0
+    flat = feats.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    return ids, flat.reshape(len(ids), width)
 
 
 # ----------------------------------------------------------------------------- recording
@@ -660,7 +676,7 @@ def evaluate(ctx: Context, date: dt.date) -> dict[str, Any]:
         if als is None:
             notes.append("no silver interactions in the training window: ALS not trained")
         else:
-            results["als"] = ranking_figures(score_lookup(holdout, np.zeros(als.shape[1]), als, catalogue),
+            results["als"] = ranking_figures(score_lookup(holdout, np.zeros(als[1].shape[0]), als, catalogue),
                                              catalogue.size)
 
         tags = {"evaluate.date": date.isoformat(), "evaluate.streamrank_run_id": ctx.run_id,

@@ -100,8 +100,26 @@ def top_k_indices(scores: np.ndarray, k: int, mask: np.ndarray | None = None) ->
     s = np.where(np.isfinite(s), s, -np.inf)
     if mask is not None:
         s = np.where(np.asarray(mask, dtype=bool), s, -np.inf)
-    k = min(int(k), s.shape[1])
-    return np.argsort(-s, axis=1, kind="stable")[:, :k]
+    neg = -s
+    n = s.shape[1]
+    k = min(int(k), n)
+    if k == 0 or k == n:
+        return np.argsort(neg, axis=1, kind="stable")[:, :k]
+    # A full sort of a catalogue-wide row per viewer dominated evaluate (84 of 208 s at
+    # scale 1); torch.topk selects the k best (40x faster than numpy's sort of 5,000
+    # columns), then only those k are ordered by (score, column). Where the k-th value is
+    # tied with entries left outside, topk's choice among them is arbitrary, so those rows
+    # (rare: constant or masked rows) take the stable sort.
+    import torch
+
+    top, part_t = torch.topk(torch.from_numpy(np.ascontiguousarray(s)), k, dim=1, largest=True, sorted=False)
+    part, vals = part_t.numpy(), -top.numpy()
+    kth = vals.max(axis=1, keepdims=True)
+    out = np.take_along_axis(part, np.lexsort((part, vals), axis=-1), axis=1)
+    split_ties = (neg == kth).sum(axis=1) != (vals == kth).sum(axis=1)
+    if split_ties.any():
+        out[split_ties] = np.argsort(neg[split_ties], axis=1, kind="stable")[:, :k]
+    return out
 
 
 def catalogue_coverage(top_lists: Iterable[Sequence[int]] | np.ndarray, catalogue_size: int,
