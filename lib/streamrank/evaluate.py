@@ -3,8 +3,8 @@
 Why it works the way it does:
 
 - **One holdout, four rankers.** The holdout of D is gold/training_examples rows with
-  as_of_date = D and split = 'valid' (the cutoff D 00:00, targets = the carts and purchases
-  of day D). The challenger, the champion, most-popular and Spark MLlib ALS all score the
+  as_of_date = D and split = 'test' (the cutoff D 00:00, targets = the carts and purchases
+  of day D; the viewers of features.test_share). The challenger, the champion, most-popular and Spark MLlib ALS all score the
   SAME rows under the SAME protocol, so their figures are comparable and the promotion gate
   can compare them.
 - **Protocol = the training worker's.** The target product is ranked among the row's
@@ -29,9 +29,10 @@ Why it works the way it does:
   row per (candidate, metric) in ops/model_eval (a re-run replaces this challenger's rows
   for D: idempotent), and the headline figures in ops/job_runs.
 
-Caveat, stated rather than hidden: the challenger of D early-stopped and calibrated on
-these same validation rows, so its figures are mildly optimistic relative to the champion's
-(trained on D-1, which never saw day D's targets).
+Why 'test' and not 'valid': the challenger early-stops and calibrates on the other half of
+the validation cutoff ('valid'). Scoring it on those rows would flatter it against the
+champion and the baselines (and make its calibration look perfect); the 'test' viewers are
+rows no training decision has seen.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ ALS_EVENT_WEIGHTS: dict[str, float] = {
 #: Events that make a product "popular": the same events the targets are made of.
 POPULAR_EVENTS = ("add_to_cart", "purchase")
 CANDIDATES = ("challenger", "champion", "most_popular", "als")
+#: The rows evaluate scores: the validation day's viewers that training never looked at.
+HOLDOUT_SPLIT = "test"
 PREFIX = {"challenger": "", "champion": "champion_", "most_popular": "most_popular_", "als": "als_"}
 HEADLINE = ("ndcg_at_10", "hr_at_10", "mrr", "coverage_at_10", "intent_auc", "intent_ece")
 
@@ -127,7 +130,7 @@ def _fixed(col: pa.ChunkedArray | pa.Array, dtype: Any, width: int | None = None
 
 
 def holdout_from_arrow(table: pa.Table) -> Holdout:
-    """Holdout arrays from gold/training_examples rows (already filtered to split = 'valid')."""
+    """Holdout arrays from gold/training_examples rows (already filtered to split = 'test')."""
     scalar = lambda name: pc.fill_null(table.column(name), 0).to_numpy().astype(np.int64)  # noqa: E731
     return Holdout(
         viewer_id=np.asarray(table.column("viewer_id").to_pylist(), dtype=object),
@@ -165,13 +168,17 @@ def _partition(ctx: Context, name: str, date: dt.date, run: StageRun | None) -> 
 
 
 def load_holdout(ctx: Context, date: dt.date, run: StageRun | None = None) -> Holdout:
-    """The valid rows of gold/training_examples for D, or InsufficientHistoryError."""
+    """The test rows of gold/training_examples for D, or InsufficientHistoryError.
+
+    'test', not 'valid': training early-stopped and calibrated on 'valid', so those rows
+    would flatter the challenger against the champion and the baselines.
+    """
     table = _partition(ctx, TRAINING, date, run)
     if table.num_columns:
-        table = table.filter(pc.equal(table.column("split"), "valid"))
+        table = table.filter(pc.equal(table.column("split"), HOLDOUT_SPLIT))
     if not table.num_columns or table.num_rows == 0:
         raise InsufficientHistoryError(
-            f"{TRAINING} has no rows with as_of_date {date} and split 'valid': nothing to evaluate on "
+            f"{TRAINING} has no rows with as_of_date {date} and split '{HOLDOUT_SPLIT}': nothing to evaluate on "
             f"(run `streamrank features --date {date}`; a new warehouse needs a few days of history)")
     return holdout_from_arrow(table)
 

@@ -68,6 +68,10 @@ PAD_IDX, UNK_IDX, FIRST_IDX = 0, 1, 2
 PAD_TOKEN, UNK_TOKEN = "<pad>", "<unk>"
 #: Training days before D (cutoffs at the end of D-TRAIN_DAYS .. D-1); conf key features.train_days once it exists.
 TRAIN_DAYS = 6
+#: Share of the validation cutoff's viewers whose rows become split 'test' (conf features.test_share).
+TEST_SHARE = 0.5
+#: Resolution of the viewer hash that assigns 'test' (so a share is exact to 1/10,000).
+_TEST_BUCKETS = 10_000
 #: recency_days of a viewer with no purchase in the 30-day window.
 NEVER_RECENCY_DAYS = 999.0
 #: Tier of a viewer without any price signal: the middle one.
@@ -104,6 +108,7 @@ class FeatureParams:
     target_size: int = 10
     cutoffs_per_day: int = 1
     train_days: int = TRAIN_DAYS
+    test_share: float = TEST_SHARE
 
     @classmethod
     def from_config(cls, cfg: Config) -> FeatureParams:
@@ -112,6 +117,7 @@ class FeatureParams:
             cand_size=int(cfg["features.cand_size"]), target_size=int(cfg["features.target_size"]),
             cutoffs_per_day=int(cfg["features.cutoffs_per_day"]),
             train_days=int(cfg.get("features.train_days", TRAIN_DAYS)),
+            test_share=float(cfg.get("features.test_share", TEST_SHARE)),
         )
         params.validate()
         return params
@@ -123,6 +129,8 @@ class FeatureParams:
         if DAY_US % self.cutoffs_per_day:
             raise ConfigError(
                 f"config key 'features.cutoffs_per_day': must divide a day into whole microseconds, got {self.cutoffs_per_day}")
+        if not 0.0 < self.test_share < 1.0:
+            raise ConfigError(f"config key 'features.test_share': expected a share strictly between 0 and 1, got {self.test_share}")
         if self.target_size > self.cand_size:
             raise ConfigError(f"features.target_size ({self.target_size}) must not exceed features.cand_size ({self.cand_size})")
 
@@ -478,9 +486,24 @@ def candidates(targets: Column, sched: Column, viewer: Column, cutoff_ts: Column
     return _right_pad(cand, size, F.lit(PAD_IDX).cast("int"))
 
 
+def is_test_viewer(viewer: Column, share: float) -> Column:
+    """True for the viewers whose validation-cutoff rows are held out as split 'test'.
+
+    Why a test half: training early-stops and calibrates on 'valid'; measuring the model on
+    those same rows (as the gate does) would flatter it. A hash of the viewer id alone keeps
+    the assignment stable across nights, so one viewer is always on the same side.
+    """
+    return F.pmod(F.xxhash64(viewer), F.lit(_TEST_BUCKETS)) < F.lit(int(round(share * _TEST_BUCKETS)))
+
+
 def training_examples(states: DataFrame, cutoffs: list[tuple[int, str]], schedules: DataFrame, as_of: dt.date,
                       params: FeatureParams, thresholds: list[float]) -> DataFrame:
-    """gold/training_examples of D: (viewer, cutoff) rows with >= 1 history event in the 7 days before."""
+    """gold/training_examples of D: (viewer, cutoff) rows with >= 1 history event in the 7 days before.
+
+    Splits: 'train' (cutoffs whose target day ends by D 00:00), and the validation cutoff's
+    rows divided by viewer into 'valid' (early stopping, calibration) and 'test' (evaluate,
+    the promotion gate), ``features.test_share`` of the viewers in 'test'.
+    """
     split_of = F.create_map(*[x for c, s in cutoffs for x in (F.lit(c).cast("long"), F.lit(s))])
     rows = states.filter(F.col("cutoff_us").isin([c for c, _ in cutoffs]) & (F.col("n_hist_7d") > 0))
     rows = with_history_arrays(with_purchase_power(rows, thresholds), params)
@@ -497,6 +520,8 @@ def training_examples(states: DataFrame, cutoffs: list[tuple[int, str]], schedul
         .withColumn("target_product", F.col("target_products")[0].cast("int"))
         .withColumn("cand_products", candidates(F.col("_t"), F.col("sched"), F.col("viewer_id"), F.col("cutoff_ts"), C))
         .withColumn("split", split_of[F.col("cutoff_us")])
+        .withColumn("split", F.when((F.col("split") == "valid") & is_test_viewer(F.col("viewer_id"), params.test_share),
+                                    F.lit("test")).otherwise(F.col("split")))
     )
     return rows.select(
         "viewer_id", "cutoff_ts", "hist_product", "hist_category", "hist_event", "hist_dwell", "hist_dt", "hist_len",
@@ -589,21 +614,25 @@ def build_features(ctx: Context, date: dt.date) -> dict[str, Any]:
             te = training_examples(states, train_cuts, schedules, date, params, thresholds)
             per_cut = (
                 states.filter(F.col("cutoff_us").isin([c for c, _ in train_cuts]) & (F.col("n_hist_7d") > 0))
-                .groupBy("cutoff_us").agg(F.count(F.lit(1)).alias("n"), F.sum("label_purchase").alias("buyers")).collect()
+                .groupBy("cutoff_us").agg(F.count(F.lit(1)).alias("n"), F.sum("label_purchase").alias("buyers"),
+                                          F.count_if(is_test_viewer(F.col("viewer_id"), params.test_share)).alias("test"))
+                .collect()
             )
             split_of = dict(train_cuts)
             n_train = sum(r["n"] for r in per_cut if split_of[r["cutoff_us"]] == "train")
-            n_valid = sum(r["n"] for r in per_cut if split_of[r["cutoff_us"]] == "valid")
+            n_test = sum(r["test"] for r in per_cut if split_of[r["cutoff_us"]] == "valid")
+            n_valid = sum(r["n"] for r in per_cut if split_of[r["cutoff_us"]] == "valid") - n_test
             buyers = sum(r["buyers"] or 0 for r in per_cut)
-            res = ctx.table(TRAINING).overwrite(te.repartition(_files_for(n_train + n_valid)), where=where, commit_info=commit)
+            res = ctx.table(TRAINING).overwrite(te.repartition(_files_for(n_train + n_valid + n_test)), where=where,
+                                                commit_info=commit)
             run.wrote(TRAINING, res.version)
         finally:
             for df in (states, schedules, lookup, vocab, catalog):
                 df.unpersist()
 
         run.metrics.update({
-            "viewers": n_viewers, "train_rows": n_train, "valid_rows": n_valid,
-            "purchase_rate": round(buyers / max(1, n_train + n_valid), 4),
+            "viewers": n_viewers, "train_rows": n_train, "valid_rows": n_valid, "test_rows": n_test,
+            "purchase_rate": round(buyers / max(1, n_train + n_valid + n_test), 4),
             "catalog_snapshot": str(snap), "cutoffs": len(train_cuts),
             "cutoffs_without_schedule": len(missing_sched), "silver_window": f"{lo}..{hi}",
         })
@@ -618,8 +647,9 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "EVENT_TYPES", "PP_FEATURES", "TRAIN_DAYS", "FeatureParams", "build_features", "build_vocabularies", "candidates", "cutoff_states",
-    "dwell_bucket", "encode_events", "event_index", "feature_cutoff_us", "latest_catalog", "pp_features_expr", "price_thresholds",
-    "product_lookup", "run", "schedule_arrays", "silver_window", "slot_summaries", "training_cutoffs",
-    "training_examples", "viewer_features", "with_history_arrays", "with_purchase_power",
+    "EVENT_TYPES", "PP_FEATURES", "TEST_SHARE", "TRAIN_DAYS", "FeatureParams", "build_features", "build_vocabularies",
+    "candidates", "cutoff_states", "dwell_bucket", "encode_events", "event_index", "feature_cutoff_us",
+    "is_test_viewer", "latest_catalog", "pp_features_expr", "price_thresholds", "product_lookup", "run",
+    "schedule_arrays", "silver_window", "slot_summaries", "training_cutoffs", "training_examples", "viewer_features",
+    "with_history_arrays", "with_purchase_power",
 ]

@@ -18,6 +18,7 @@ import math
 import numpy as np
 import pytest
 
+from streamrank import metrics as M
 from streamrank.cli import main
 from streamrank.context import Context
 from streamrank.errors import InsufficientHistoryError, MissingInputError, ModelGateError
@@ -30,7 +31,7 @@ from streamrank.evaluate import (
     score_model,
     write_model_eval,
 )
-from streamrank.registry import CHAMPION, PREVIOUS, by_alias, client, set_alias
+from streamrank.registry import CHALLENGER, CHAMPION, PREVIOUS, by_alias, client, set_alias
 
 D = dt.date(2026, 11, 10)
 D1 = D - dt.timedelta(days=1)
@@ -63,7 +64,7 @@ def token_rows(day: dt.date, seed: int, n_train: int = 300, n_valid: int = 120, 
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_train + n_valid):
-        split = "train" if i < n_train else "valid"
+        split = "train" if i < n_train else ("valid" if i % 2 == 0 else "test")  # as features: valid / test halves
         cutoff = dt.datetime.combine(day - dt.timedelta(days=2 + i % 4 if split == "train" else 0), dt.time(0), tzinfo=UTC)
         n = int(rng.integers(1, 12))
         start = int(rng.integers(0, 40))
@@ -153,7 +154,7 @@ def world(spark, base_conf, tmp_path_factory):
         ctx.table("gold/vocabularies").append_rows(vocab_table_rows(day))
         ctx.table("bronze/products").append_rows(product_rows(day))
         ctx.table("gold/training_examples").append_rows(encode(toks, vocab_of(day), day))
-    ctx.table("silver/viewer_events").append_rows(silver_rows([r for r in tok_d if r["split"] == "valid"]))
+    ctx.table("silver/viewer_events").append_rows(silver_rows([r for r in tok_d if r["split"] == "test"]))
     champion = train(ctx, D1)
     set_alias(conf, CHAMPION, champion["model_version"])
     challenger = train(ctx, D)
@@ -162,19 +163,36 @@ def world(spark, base_conf, tmp_path_factory):
             "challenger": challenger, "result": result}
 
 
-def test_challenger_figures_match_the_training_protocol(world):
-    """Same rows, same protocol, same model: evaluate's challenger NDCG@10/HR@10 are the
-    figures the train worker early-stopped on, and AUC is unchanged by (monotone) Platt."""
-    got, trained = world["result"]["results"]["challenger"], world["challenger"]
-    assert got["ndcg_at_10"] == pytest.approx(trained["ndcg_at_10"], abs=1e-9)
-    assert got["hr_at_10"] == pytest.approx(trained["hr_at_10"], abs=1e-9)
-    # the raw head's AUC is the worker's; Platt keeps it, or - when the head is anti-correlated and
-    # the fit wants a negative slope - flattens it to the base rate (AUC 0.5) instead of inverting it
-    assert got["intent_auc_raw"] == pytest.approx(trained["intent_auc"], abs=1e-6)
+def _ndcg_hr_auc(scored) -> tuple[float, float, float | None]:
+    r = scored.cand_ranks
+    return float(np.where(r < 10, 1 / np.log2(r + 2), 0).mean()), float((r < 10).mean()), M.auc(scored.labels, scored.raw_probs)
+
+
+def test_challenger_figures_match_the_training_protocol(world, tmp_path):
+    """Same protocol as the train worker: on the 'valid' rows the worker early-stopped on, the
+    registered challenger reproduces the worker's NDCG@10, HR@10 and AUC exactly. evaluate itself
+    scores the 'test' rows (the other viewers of the validation cutoff), which training never saw."""
+    import pyarrow as pa
+
+    ctx, got, trained = world["ctx"], world["result"]["results"]["challenger"], world["challenger"]
+    ref = by_alias(world["conf"], CHALLENGER)
+    assert ref.version == trained["model_version"]
+    lm = download_model(ref, str(tmp_path / "m"))
+    rows = {split: [r for r in world["tok_d"] if r["split"] == split] for split in ("valid", "test")}
+    scored = {split: score_model(lm, holdout_from_arrow(pa.Table.from_pylist(encode(rs, vocab_of(D), D))), load_vocab(ctx, D))
+              for split, rs in rows.items()}
+    ndcg, hr, auc = _ndcg_hr_auc(scored["valid"])
+    assert (ndcg, hr) == (pytest.approx(trained["ndcg_at_10"], abs=1e-9), pytest.approx(trained["hr_at_10"], abs=1e-9))
+    assert auc == pytest.approx(trained["intent_auc"], abs=1e-6)
+    ndcg, hr, auc = _ndcg_hr_auc(scored["test"])
+    assert (got["ndcg_at_10"], got["hr_at_10"]) == (pytest.approx(ndcg, abs=1e-9), pytest.approx(hr, abs=1e-9))
+    # Platt keeps the raw head's AUC, or - when the head is anti-correlated and the fit wants a
+    # negative slope - flattens it to the base rate (AUC 0.5) instead of inverting it
+    assert got["intent_auc_raw"] == pytest.approx(auc, abs=1e-6)
     assert got["calibrator_slope"] >= 0
     flat = got["calibrator_slope"] == 0
-    assert got["intent_auc"] == pytest.approx(0.5 if flat else trained["intent_auc"], abs=1e-6)
-    assert got["holdout_rows"] == 120 and got["sample_rows"] == 120 and got["sample_nonfinite"] == 0
+    assert got["intent_auc"] == pytest.approx(0.5 if flat else auc, abs=1e-6)
+    assert got["holdout_rows"] == len(rows["test"]) == 60 and got["sample_rows"] == 60 and got["sample_nonfinite"] == 0
     assert got["calibrated"] == 1.0 and got["nonfinite_outputs"] == 0
     for key in ("ndcg_at_5", "ndcg_at_20", "mrr", "coverage_at_10", "full_ndcg_at_10", "intent_logloss",
                 "intent_ece", "intent_precision", "intent_recall", "intent_f1"):
@@ -188,7 +206,7 @@ def test_most_popular_exact(world):
     pos = {t: j for j, t in enumerate(BASE)}
     ranks = []
     for r in world["tok_d"]:
-        if r["split"] != "valid" or not r["target"]:
+        if r["split"] != "test" or not r["target"]:
             continue
         ranks.append(sum(1 for c in r["cands"] if c != r["target"] and c in pos and pos[c] < pos[r["target"]]))
     ranks = np.array(ranks)
@@ -198,7 +216,7 @@ def test_most_popular_exact(world):
     assert got["hr_at_10"] == pytest.approx(float((ranks < 10).mean()))
     assert got["mrr"] == pytest.approx(float((1 / (ranks + 1)).mean()))
     # full catalogue: everyone gets BASE[:10]; the target's rank is its position in BASE
-    full = np.array([pos[r["target"]] for r in world["tok_d"] if r["split"] == "valid" and r["target"]])
+    full = np.array([pos[r["target"]] for r in world["tok_d"] if r["split"] == "test" and r["target"]])
     assert got["full_hr_at_10"] == pytest.approx(float((full < 10).mean()))
     assert got["full_coverage_at_10"] == pytest.approx(10 / 41)
     assert "intent_auc" not in got
@@ -284,7 +302,7 @@ def test_job_runs_records_the_headline(world):
 
 
 def test_no_holdout_and_no_challenger(world, spark, conf):
-    with pytest.raises(InsufficientHistoryError, match="split 'valid'"):
+    with pytest.raises(InsufficientHistoryError, match="split 'test'"):
         evaluate(world["ctx"], D + dt.timedelta(days=5))
     fresh = Context(conf)
     with pytest.raises(MissingInputError, match="alias 'challenger'") as err:
@@ -313,4 +331,5 @@ def test_promote_after_evaluate_follows_the_gate(world):
     tags = client(conf).get_model_version(conf["mlflow.model_name"], res["challenger_version"]).tags
     assert tags["gate.passed"] == str(passed).lower()
     assert float(tags["gate.ndcg_at_10"]) == pytest.approx(fig["challenger"]["ndcg_at_10"])
-    assert math.isfinite(float(tags["gate.sample_rows"])) and float(tags["gate.sample_rows"]) > 120
+    # evaluate's scored sample plus the input example promote scores itself
+    assert math.isfinite(float(tags["gate.sample_rows"])) and float(tags["gate.sample_rows"]) > fig["challenger"]["sample_rows"]

@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 from streamrank.context import Context
 from streamrank.delta import Warehouse
 from streamrank.errors import MissingInputError
-from streamrank.features import EVENT_TYPES, build_features, dwell_bucket
+from streamrank.features import EVENT_TYPES, build_features, dwell_bucket, is_test_viewer
 from streamrank.schemas import table_spec
 
 D = dt.date(2026, 11, 8)
@@ -224,7 +224,9 @@ def test_training_rows_targets_and_splits(world):
     expected = {("va", c(d)) for d in (6, 7, 8)} | {("vb", c(d)) for d in range(3, 9)} | {("ve", c(d)) for d in range(5, 9)}
     assert keys == expected
     te = {(v, k.astimezone(UTC).replace(tzinfo=None) if k.tzinfo else k): r for (v, k), r in te.items()}
-    assert {k: r["split"] for k, r in te.items()} == {k: "valid" if k[1] == c(8) else "train" for k in expected}
+    held = held_out_viewers(world["ctx"].spark, ["va", "vb", "ve"])
+    assert {k: r["split"] for k, r in te.items()} == {
+        k: ("test" if k[0] in held else "valid") if k[1] == c(8) else "train" for k in expected}
 
     valid = te[("va", c(8))]  # targets on day 11-08: cart p4, buy p4, cart p5, cart p4
     assert valid["target_products"] == (p("p4"), p("p5")) + (0,) * 8
@@ -278,11 +280,27 @@ def test_candidates_positives_first_then_schedule(world):
     assert p("p2") not in te[("va", c(6))]["cand_products"]     # the positive p2 was not on the schedule
 
 
+def held_out_viewers(spark, viewers: list[str], share: float = 0.5) -> set[str]:
+    """The viewers whose validation rows features puts in split 'test'."""
+    rows = spark.createDataFrame([(v,) for v in viewers], "viewer_id string")
+    return {r.viewer_id for r in rows.filter(is_test_viewer(F.col("viewer_id"), share)).collect()}
+
+
+def test_test_split_is_a_stable_share_of_viewers(spark):
+    viewers = [f"v{i:07d}" for i in range(20_000)]
+    held = held_out_viewers(spark, viewers)
+    assert 0.48 < len(held) / len(viewers) < 0.52
+    assert held_out_viewers(spark, viewers) == held  # the same viewers every night
+    assert held < held_out_viewers(spark, viewers, 0.8)  # a larger share only adds viewers
+
+
 def test_rerun_is_identical_and_recorded(world):
     ctx, before = world["ctx"], world["snap"]
     result = build_features(ctx, D)
     assert snapshot(ctx) == before
-    assert result["train_rows"] == 10 and result["valid_rows"] == 3 and result["viewers"] == 4
+    n_test = len(held_out_viewers(ctx.spark, ["va", "vb", "ve"]))
+    assert result["train_rows"] == 10 and result["valid_rows"] + result["test_rows"] == 3 and result["viewers"] == 4
+    assert result["test_rows"] == n_test
     assert result["versions_written"]["gold/training_examples"] == world["result"]["versions_written"]["gold/training_examples"] + 1
     runs = ctx.table("ops/job_runs").read().filter((F.col("stage") == "features") & (F.col("status") == "success")).count()
     assert runs == 2
