@@ -18,16 +18,22 @@ import math
 import numpy as np
 import pytest
 
+import streamrank.evaluate as ev
 from streamrank import metrics as M
 from streamrank.cli import main
 from streamrank.context import Context
 from streamrank.errors import InsufficientHistoryError, MissingInputError, ModelGateError
 from streamrank.evaluate import (
+    catalogue_ids,
     download_model,
     evaluate,
     holdout_from_arrow,
+    load_holdout,
     load_vocab,
     model_eval_rows,
+    popularity,
+    popularity_scores,
+    score_lookup,
     score_model,
     write_model_eval,
 )
@@ -220,6 +226,20 @@ def test_most_popular_exact(world):
     assert got["full_hr_at_10"] == pytest.approx(float((full < 10).mean()))
     assert got["full_coverage_at_10"] == pytest.approx(10 / 41)
     assert "intent_auc" not in got
+
+
+def test_full_catalogue_figures_use_a_systematic_sample(world, monkeypatch):
+    """Above FULL_SAMPLE_ROWS holdout rows, full_* figures rank every k-th row only (their cost
+    is rows x catalogue); the sampled ranks are exactly the unsampled ones of those rows."""
+    ctx = world["ctx"]
+    h, vocab = load_holdout(ctx, D), load_vocab(ctx, D)
+    pop, catalogue = popularity_scores(popularity(ctx, D, vocab)), catalogue_ids(vocab)
+    whole = score_lookup(h, pop, None, catalogue)
+    monkeypatch.setattr(ev, "FULL_SAMPLE_ROWS", len(h) // 2)
+    half = score_lookup(h, pop, None, catalogue)
+    even = (np.arange(len(h)) % 2 == 0)[h.target_product >= 2]
+    assert half.full_ranks.tolist() == whole.full_ranks[even].tolist() and 0 < half.full_ranks.size < whole.full_ranks.size
+    assert half.cand_ranks.tolist() == whole.cand_ranks.tolist()  # the candidate protocol keeps every row
 
 
 def test_als_and_champion_are_scored(world):
