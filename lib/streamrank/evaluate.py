@@ -11,9 +11,9 @@ Why it works the way it does:
   ``cand_products`` (the products of D's schedule this viewer could be shown; train.eval_protocol
   = candidates), ties counting against the target, rows without a target product only counting
   for intent. Full-catalogue figures (``full_*``) rank against every product of D's vocabulary
-  and show what the candidate restriction hides; they use a systematic sample of at most
-  FULL_SAMPLE_ROWS holdout rows (``full_ranked_rows`` says how many), because their cost is
-  rows x catalogue.
+  and show what the candidate restriction hides. Their cost is rows x catalogue, so they rank
+  only rows with a target (at most FULL_SAMPLE_ROWS of them, every k-th) and take coverage
+  from every k-th holdout row (``full_ranked_rows`` says how many were ranked).
 - **The registered model, not a re-implementation.** Models are loaded from the registry
   (the pyfunc's own artifacts: weights, config, vocabulary, calibrator) and scored with
   model.py's forward. A model keeps the vocabulary it was trained with, so ids of D's
@@ -75,16 +75,34 @@ HR_K = 10
 COVERAGE_K = 10
 SAMPLE_ROWS = 200
 SCORE_BATCH = 256
-#: Whole-catalogue figures (full_*) use at most this many holdout rows, every k-th one. Their
-#: cost is rows x catalogue, which grows with the square of the scale: at scale 4 (288k test
-#: rows, 20k products, three rankers) it made evaluate 6.6x slower than at scale 1.
+#: Whole-catalogue figures (full_*) cost rows x catalogue, which grows with the square of the
+#: scale: scoring every holdout row against every product made evaluate 6.6x slower at scale 4
+#: (288k test rows, 20k products, three rankers) than at scale 1. Full ranks exist only for
+#: rows with a target (~5 %), so only those are ranked, every k-th one above this many; the
+#: top-10 lists behind full_coverage use every k-th holdout row, at most this many.
 FULL_SAMPLE_ROWS = 20_000
 
 
-def full_sample(n_rows: int, start: int, stop: int) -> np.ndarray:
-    """Mask of rows start..stop-1 that the whole-catalogue figures use (a systematic sample)."""
-    stride = max(1, -(-n_rows // FULL_SAMPLE_ROWS))
-    return np.arange(start, stop) % stride == 0
+@dataclass(frozen=True)
+class FullSample:
+    """Which holdout rows the whole-catalogue figures use (masks over the whole holdout)."""
+
+    rank: np.ndarray  # rows with a target whose full rank is computed
+    top: np.ndarray  # rows whose full top-10 list counts for coverage
+
+    @classmethod
+    def of(cls, h: Holdout) -> FullSample:
+        def every_kth(mask: np.ndarray) -> np.ndarray:
+            idx = np.nonzero(mask)[0]
+            out = np.zeros(mask.size, dtype=bool)
+            out[idx[::max(1, -(-idx.size // FULL_SAMPLE_ROWS))]] = True
+            return out
+
+        return cls(rank=every_kth(h.target_product >= FIRST_REAL_ID), top=every_kth(np.ones(len(h), dtype=bool)))
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Mask of rows start..stop-1 that need whole-catalogue scores."""
+        return self.rank[start:stop] | self.top[start:stop]
 #: Implicit-feedback confidence per event type for ALS: stronger intent, more weight.
 ALS_EVENT_WEIGHTS: dict[str, float] = {
     "view_product": 1.0, "like": 1.0, "comment": 1.0, "share": 1.0, "gift": 1.0,
@@ -250,8 +268,12 @@ class Scored:
 
 
 def rank_rows(target_scores: np.ndarray, cand_scores: np.ndarray, full_scores: np.ndarray | None,
-              h: Holdout, catalogue: np.ndarray, full_rows: np.ndarray | None = None) -> dict[str, Any]:
+              h: Holdout, catalogue: np.ndarray, sample: FullSample | None = None, start: int = 0) -> dict[str, Any]:
     """Ranks and top-10 lists of one batch, from scores of targets, candidates and catalogue.
+
+    ``full_scores`` holds rows ``sample.rows(start, start + len(h))`` of the batch (all rows
+    when ``sample`` is None); of those, the sample's rank rows are ranked and its top rows give
+    the full top-10 lists.
 
     Candidate protocol: competitors are the row's real candidates other than the target;
     rows without a target (nobody carted) or without any competitor (no schedule) are not
@@ -270,12 +292,15 @@ def rank_rows(target_scores: np.ndarray, cand_scores: np.ndarray, full_scores: n
         "cand_ranks": M.ranks_from_scores(target_scores[ranked], cand_scores[ranked], comp[ranked]),
         "cand_top": [ids[ok] for ids, ok in zip(top_ids, top_ok, strict=True)],
     }
-    if full_scores is not None:  # [rows of full_rows (all if None), catalogue]
-        sub = slice(None) if full_rows is None else full_rows
-        f_tgt, f_has, f_score = tgt[sub], has_t[sub], target_scores[sub]
+    if full_scores is not None:
+        stop = start + len(tgt)
+        sub = np.ones(len(tgt), dtype=bool) if sample is None else sample.rows(start, stop)
+        rank = has_t[sub] if sample is None else sample.rank[start:stop][sub]
+        keep_top = np.ones(int(sub.sum()), dtype=bool) if sample is None else sample.top[start:stop][sub]
+        f_tgt, f_score = tgt[sub][rank], target_scores[sub][rank]
         fcomp = catalogue[None, :] != f_tgt[:, None]
-        out["full_ranks"] = M.ranks_from_scores(f_score[f_has], full_scores[f_has], fcomp[f_has])
-        out["full_top"] = [catalogue[row] for row in M.top_k_indices(full_scores, COVERAGE_K)]
+        out["full_ranks"] = M.ranks_from_scores(f_score, full_scores[rank], fcomp)
+        out["full_top"] = [catalogue[row] for row in M.top_k_indices(full_scores[keep_top], COVERAGE_K)]
     return out
 
 
@@ -365,6 +390,7 @@ def score_model(lm: LoadedModel, h: Holdout, vocab: Mapping[str, Mapping[str, in
     cmap = id_map(vocab.get("category", {}), lm.vocab.get("category", {}))
     emap = id_map(vocab.get("event", {}), lm.vocab.get("event", {}))
     catalogue = catalogue_ids(vocab)
+    sample = FullSample.of(h)
     parts: dict[str, list[Any]] = {"cand_ranks": [], "full_ranks": [], "cand_top": [], "full_top": [], "logits": []}
     nonfinite = 0
     with torch.no_grad():
@@ -382,12 +408,12 @@ def score_model(lm: LoadedModel, h: Holdout, vocab: Mapping[str, Mapping[str, in
             state = out["state"].float()
             t_score = (state * net.item_vec(batch["target_product"])).sum(-1).numpy()
             cand_scores = out["rank_logits"].float().numpy()
-            sel = full_sample(len(h), s, s + len(b))
+            sel = sample.rows(s, s + len(b))
             full_scores = net.rank_scores(state[torch.as_tensor(sel)], cat_matrix).float().numpy()
             logits = out["viewer_logit"].float().numpy()
             nonfinite += int((~np.isfinite(cand_scores)).sum() + (~np.isfinite(logits)).sum()
                              + (~np.isfinite(full_scores)).sum())
-            r = rank_rows(t_score, cand_scores, full_scores, b, catalogue, sel)
+            r = rank_rows(t_score, cand_scores, full_scores, b, catalogue, sample, s)
             for key in ("cand_ranks", "full_ranks", "cand_top", "full_top"):
                 parts[key].extend(r[key] if key.endswith("_top") else [r[key]])
             parts["logits"].append(logits)
@@ -502,13 +528,14 @@ def score_lookup(h: Holdout, item_scores: np.ndarray, factors: tuple[np.ndarray,
         ids = np.clip(ids, 0, vs.shape[1] - 1)
         return np.take_along_axis(vs, ids.reshape(vs.shape[0], -1), axis=1).reshape(ids.shape)
 
+    sample = FullSample.of(h)
     parts: dict[str, list[Any]] = {"cand_ranks": [], "full_ranks": [], "cand_top": [], "full_top": []}
     for s in range(0, len(h), SCORE_BATCH):
         rows = slice(s, s + SCORE_BATCH)
         b = h.take(rows)
-        sel = full_sample(len(h), s, s + len(b))
+        sel = sample.rows(s, s + len(b))
         full = gather(np.broadcast_to(catalogue, (int(sel.sum()), catalogue.size)).copy(), np.arange(s, s + len(b))[sel])
-        r = rank_rows(gather(b.target_product, rows), gather(b.cand_products, rows), full, b, catalogue, sel)
+        r = rank_rows(gather(b.target_product, rows), gather(b.cand_products, rows), full, b, catalogue, sample, s)
         for key in parts:
             parts[key].extend(r[key] if key.endswith("_top") else [r[key]])
     return Scored(cand_ranks=np.concatenate(parts["cand_ranks"]), full_ranks=np.concatenate(parts["full_ranks"]),

@@ -229,16 +229,20 @@ def test_most_popular_exact(world):
 
 
 def test_full_catalogue_figures_use_a_systematic_sample(world, monkeypatch):
-    """Above FULL_SAMPLE_ROWS holdout rows, full_* figures rank every k-th row only (their cost
-    is rows x catalogue); the sampled ranks are exactly the unsampled ones of those rows."""
+    """Full ranks exist only for rows with a target: only those are ranked, every k-th above
+    FULL_SAMPLE_ROWS, and the sampled ranks are exactly the unsampled ones of those rows."""
     ctx = world["ctx"]
     h, vocab = load_holdout(ctx, D), load_vocab(ctx, D)
     pop, catalogue = popularity_scores(popularity(ctx, D, vocab)), catalogue_ids(vocab)
     whole = score_lookup(h, pop, None, catalogue)
-    monkeypatch.setattr(ev, "FULL_SAMPLE_ROWS", len(h) // 2)
+    n_target = int((h.target_product >= 2).sum())
+    assert whole.full_ranks.size == n_target and len(whole.full_top) == len(h)
+    cap = (n_target + 1) // 2
+    monkeypatch.setattr(ev, "FULL_SAMPLE_ROWS", cap)
     half = score_lookup(h, pop, None, catalogue)
-    even = (np.arange(len(h)) % 2 == 0)[h.target_product >= 2]
-    assert half.full_ranks.tolist() == whole.full_ranks[even].tolist() and 0 < half.full_ranks.size < whole.full_ranks.size
+    assert half.full_ranks.tolist() == whole.full_ranks[::2].tolist()  # every 2nd target row
+    top_stride = -(-len(h) // cap)
+    assert [t.tolist() for t in half.full_top] == [t.tolist() for t in whole.full_top[::top_stride]]
     assert half.cand_ranks.tolist() == whole.cand_ranks.tolist()  # the candidate protocol keeps every row
 
 
