@@ -63,9 +63,7 @@ import argparse
 import datetime as dt
 import json
 import statistics
-import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -504,21 +502,6 @@ def trailing_median_rows(ctx: Context, day: dt.date, days: int = 7) -> float | N
     return float(statistics.median(values)) if values else None
 
 
-class _Phases:
-    """Wall time per named phase (time.perf_counter): where a clean run spends its time."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
-
-
 # ------------------------------------------------------------------------------ the stage
 
 def clean(ctx: Context, date: dt.date) -> dict[str, Any]:
@@ -537,9 +520,10 @@ def clean(ctx: Context, date: dt.date) -> dict[str, Any]:
 
 
 def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
+    from streamrank.context import PhaseTimer
     from streamrank.quality import record_and_gate, validate
 
-    phases = _Phases()
+    phases = PhaseTimer()
     rules = CleanRules.from_config(ctx.cfg)
     spark = ctx.spark
     run.metrics["phases_s"] = phases.seconds

@@ -70,6 +70,22 @@ class StageRun:
         self.versions_written[table] = version
 
 
+class PhaseTimer:
+    """Wall time per named phase of a stage (time.perf_counter), kept in run.metrics["phases_s"]
+    so a slow run says where its time went; a phase entered twice adds up."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
 def _summary(run: StageRun, status: str, seconds: float) -> str:
     wrote = " ".join(f"{t}@v{v}" for t, v in run.versions_written.items())
     metrics = " ".join(f"{k}={v}" for k, v in run.metrics.items() if not isinstance(v, (dict, list)))

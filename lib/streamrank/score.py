@@ -56,7 +56,6 @@ What is scored, and why it is built this way:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -66,7 +65,6 @@ import json
 import logging
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +80,9 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from streamrank.config import parse_date
-from streamrank.context import Context, stage_run
+from streamrank.context import Context, PhaseTimer, stage_run
 from streamrank.errors import ConfigError, MissingInputError, NoChampionError
+from streamrank.features import price_thresholds
 from streamrank.model import (
     PAD_ID,
     UNK_ID,
@@ -696,27 +695,6 @@ def _read(ctx: Context, run: Any, name: str) -> DataFrame:
     return table.read(version=version)
 
 
-def _tier_thresholds(catalog: DataFrame) -> list[float]:
-    row = catalog.filter(F.col("list_price").isNotNull()).agg(
-        F.percentile(F.col("list_price"), [0.2, 0.4, 0.6, 0.8]).alias("q")).first()
-    return [float(q) for q in row["q"]] if row is not None and row["q"] is not None else []
-
-
-class _Phases:
-    """Wall time per named phase: where a score run spends its time (run.metrics["phases_s"])."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
-
-
 def score(ctx: Context, date: dt.date) -> dict[str, Any]:
     """Score the active viewers of D against the streams of D+1 and publish both tables.
 
@@ -732,7 +710,7 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
         if int(cfg[key]) < 1:  # 0 would publish empty lists or score nobody: a conf typo, not a night's data
             raise ConfigError(f"config key {key!r}: expected an integer >= 1, got {cfg[key]}")
     k = int(cfg["score.top_k"])
-    phases = _Phases()
+    phases = PhaseTimer()
     with stage_run(ctx, STAGE, date) as run:
         run.metrics["phases_s"] = phases.seconds
         with phases("inputs"):
@@ -764,7 +742,7 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
             use_tiers = model_has_tiers(champion.model_pt)  # tiers for new products only if the model has them
             cands = build_candidates(cand_rows, champion.vocab.get("product") or {}, champion.vocab.get("category") or {},
                                      int(champion.model_config["n_products"]), use_tiers,
-                                     _tier_thresholds(catalog) if use_tiers else [])
+                                     price_thresholds(catalog) if use_tiers else [])
             payload, _ = build_payload(champion, cands, _vocab_of(vocab_rows), k)
             bc = spark.sparkContext.broadcast(payload)
 
