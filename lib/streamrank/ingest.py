@@ -479,19 +479,19 @@ def _file_per_partition(spark: SparkSession) -> Iterator[None]:
         **{f"parquet.enable.dictionary#{c}": "false" for c in _NO_DICTIONARY},
     }
     saved = {key: spark.conf.get(key, None) for key in settings}
-    try:
-        for key, value in settings.items():
+
+    def apply(values: dict[str, str | None]) -> None:
+        for key, value in values.items():
             if value is None:
                 spark.conf.unset(key)
             else:
                 spark.conf.set(key, value)
+
+    try:
+        apply(settings)
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
+        apply(saved)
 
 
 def _lines(spark: SparkSession, files: Sequence[LandingFile]) -> DataFrame:

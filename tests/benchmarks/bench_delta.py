@@ -7,9 +7,9 @@ show what that costs relative to the work Spark does anyway.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -81,6 +81,4 @@ def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool) -> list[di
 if __name__ == "__main__":
     from benchmarks_common import standalone
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    standalone(run, parser.parse_args().quick)
+    sys.exit(standalone(run))

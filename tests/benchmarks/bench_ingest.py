@@ -12,20 +12,17 @@ Run standalone: `python tests/benchmarks/bench_ingest.py [--quick] [--workdir DI
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from pyspark.sql import SparkSession
 
-from streamrank.config import Config, load_config
+from streamrank.config import Config
 from streamrank.context import Context
 from streamrank.generate import generate
 from streamrank.ingest import EVENT_SUFFIXES, ingest
@@ -97,22 +94,7 @@ def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool) -> list[di
     }]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="scale 0.2 instead of 1")
-    parser.add_argument("--workdir", help="where landing data and warehouses go (default: a temp dir)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    args = parser.parse_args(argv)
-    from streamrank.spark import build_session
-
-    cfg = load_config(None, args.set)
-    spark = build_session(cfg, app_name="bench-ingest")
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    rows = run(spark, cfg, workdir, args.quick)
-    for row in rows:
-        print(json.dumps(row))
-    return 0 if all(r["ok"] for r in rows) else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks_common import standalone
+
+    sys.exit(standalone(run))

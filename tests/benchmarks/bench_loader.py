@@ -19,10 +19,10 @@ Each figure is the median of 3 repetitions, both sides interleaved in one run.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import shutil
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +131,4 @@ def run(spark, cfg: Config, workdir: Path, quick: bool) -> list[dict]:
 if __name__ == "__main__":
     from benchmarks_common import standalone
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    standalone(run, parser.parse_args().quick)
+    sys.exit(standalone(run))

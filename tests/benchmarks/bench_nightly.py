@@ -14,9 +14,9 @@ the target is <= 1.1.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -72,6 +72,4 @@ def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool, scales: tu
 if __name__ == "__main__":
     from benchmarks_common import standalone
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    standalone(run, parser.parse_args().quick)
+    sys.exit(standalone(run))

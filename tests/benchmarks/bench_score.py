@@ -26,9 +26,9 @@ Run standalone: ``python tests/benchmarks/bench_score.py --quick``.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import io
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -235,6 +235,4 @@ def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool) -> list[di
 if __name__ == "__main__":
     from benchmarks_common import standalone
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    standalone(run, parser.parse_args().quick)
+    sys.exit(standalone(run))

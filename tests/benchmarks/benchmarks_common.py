@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from collections.abc import Callable
@@ -22,10 +23,20 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def standalone(run: Callable, quick: bool) -> None:
-    cfg = load_config(None, ["spark.master=local[2]"])
+def standalone(run: Callable, argv: list[str] | None = None) -> int:
+    """Run one benchmark module from the command line: `python tests/benchmarks/bench_X.py [--quick]`.
+
+    Prints the table and the rows as JSON; exit 0 when every row met its target.
+    """
+    parser = argparse.ArgumentParser(description="one streamrank benchmark (make bench runs them all)")
+    parser.add_argument("--quick", action="store_true", help="the reduced inputs of `make bench QUICK=1`")
+    parser.add_argument("--workdir", help="where inputs and warehouses go (default: a temp dir, removed after)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    args = parser.parse_args(argv)
+    cfg = load_config(None, ["spark.master=local[2]", *args.set])
     spark = build_session(cfg)
     with tempfile.TemporaryDirectory(prefix="streamrank-bench-") as tmp:
-        rows = run(spark, cfg, Path(tmp), quick)
+        rows = run(spark, cfg, Path(args.workdir or tmp), args.quick)
     print(format_rows(rows))
     print(json.dumps(rows, indent=1, default=str))
+    return 0 if all(r["ok"] for r in rows) else 1
