@@ -135,6 +135,10 @@ class Holdout:
     target_products: np.ndarray
     cand_products: np.ndarray
     label_purchase: np.ndarray
+    hist_host: np.ndarray
+    hist_hour: np.ndarray
+    cand_host: np.ndarray
+    cand_hour: np.ndarray
 
     def __len__(self) -> int:
         return int(self.hist_len.shape[0])
@@ -162,6 +166,13 @@ def _fixed(col: pa.ChunkedArray | pa.Array, dtype: Any, width: int | None = None
 def holdout_from_arrow(table: pa.Table) -> Holdout:
     """Holdout arrays from gold/training_examples rows (already filtered to split = 'test')."""
     scalar = lambda name: pc.fill_null(table.column(name), 0).to_numpy().astype(np.int64)  # noqa: E731
+
+    def context(name: str, like: str) -> np.ndarray:
+        # Snapshots written before the stream-context columns existed: padding, i.e. no context.
+        if name in table.column_names:
+            return _fixed(table.column(name), np.int64)
+        return np.zeros(_fixed(table.column(like), np.int64).shape, np.int64)
+
     return Holdout(
         viewer_id=np.asarray(table.column("viewer_id").to_pylist(), dtype=object),
         hist_product=_fixed(table.column("hist_product"), np.int64),
@@ -175,6 +186,10 @@ def holdout_from_arrow(table: pa.Table) -> Holdout:
         target_products=_fixed(table.column("target_products"), np.int64),
         cand_products=_fixed(table.column("cand_products"), np.int64),
         label_purchase=scalar("label_purchase"),
+        hist_host=context("hist_host", "hist_product"),
+        hist_hour=context("hist_hour", "hist_product"),
+        cand_host=context("cand_host", "cand_products"),
+        cand_hour=context("cand_hour", "cand_products"),
     )
 
 
@@ -268,8 +283,12 @@ class Scored:
 
 
 def rank_rows(target_scores: np.ndarray, cand_scores: np.ndarray, full_scores: np.ndarray | None,
-              h: Holdout, catalogue: np.ndarray, sample: FullSample | None = None, start: int = 0) -> dict[str, Any]:
+              h: Holdout, catalogue: np.ndarray, sample: FullSample | None = None, start: int = 0,
+              full_target_scores: np.ndarray | None = None) -> dict[str, Any]:
     """Ranks and top-10 lists of one batch, from scores of targets, candidates and catalogue.
+
+    ``full_target_scores`` are the targets' scores as the catalogue is scored (a model scores
+    candidates with their slot context, the catalogue without); by default ``target_scores``.
 
     ``full_scores`` holds rows ``sample.rows(start, start + len(h))`` of the batch (all rows
     when ``sample`` is None); of those, the sample's rank rows are ranked and its top rows give
@@ -297,7 +316,8 @@ def rank_rows(target_scores: np.ndarray, cand_scores: np.ndarray, full_scores: n
         sub = np.ones(len(tgt), dtype=bool) if sample is None else sample.rows(start, stop)
         rank = has_t[sub] if sample is None else sample.rank[start:stop][sub]
         keep_top = np.ones(int(sub.sum()), dtype=bool) if sample is None else sample.top[start:stop][sub]
-        f_tgt, f_score = tgt[sub][rank], target_scores[sub][rank]
+        f_all = target_scores if full_target_scores is None else full_target_scores
+        f_tgt, f_score = tgt[sub][rank], f_all[sub][rank]
         fcomp = catalogue[None, :] != f_tgt[:, None]
         out["full_ranks"] = M.ranks_from_scores(f_score, full_scores[rank], fcomp)
         out["full_top"] = [catalogue[row] for row in M.top_k_indices(full_scores[keep_top], COVERAGE_K)]
@@ -389,6 +409,7 @@ def score_model(lm: LoadedModel, h: Holdout, vocab: Mapping[str, Mapping[str, in
     pmap = id_map(vocab.get("product", {}), lm.vocab.get("product", {}))
     cmap = id_map(vocab.get("category", {}), lm.vocab.get("category", {}))
     emap = id_map(vocab.get("event", {}), lm.vocab.get("event", {}))
+    hmap = id_map(vocab.get("host", {}), lm.vocab.get("host", {}))
     catalogue = catalogue_ids(vocab)
     sample = FullSample.of(h)
     parts: dict[str, list[Any]] = {"cand_ranks": [], "full_ranks": [], "cand_top": [], "full_top": [], "logits": []}
@@ -403,17 +424,20 @@ def score_model(lm: LoadedModel, h: Holdout, vocab: Mapping[str, Mapping[str, in
                 "hist_len": b.hist_len, "pp_features": b.pp_features,
                 "target_product": _lookup(pmap, b.target_product), "target_products": _lookup(pmap, b.target_products),
                 "cand_products": _lookup(pmap, b.cand_products), "label_purchase": b.label_purchase,
+                "hist_host": _lookup(hmap, b.hist_host), "hist_hour": b.hist_hour,
+                "cand_host": _lookup(hmap, b.cand_host), "cand_hour": b.cand_hour,
             })
             out = net(batch, compute_loss=False)
             state = out["state"].float()
-            t_score = (state * net.item_vec(batch["target_product"])).sum(-1).numpy()
+            t_score = net.target_scores(state, batch).numpy()
+            t_full = (state * net.item_vec(batch["target_product"])).sum(-1).numpy()
             cand_scores = out["rank_logits"].float().numpy()
             sel = sample.rows(s, s + len(b))
             full_scores = net.rank_scores(state[torch.as_tensor(sel)], cat_matrix).float().numpy()
             logits = out["viewer_logit"].float().numpy()
             nonfinite += int((~np.isfinite(cand_scores)).sum() + (~np.isfinite(logits)).sum()
                              + (~np.isfinite(full_scores)).sum())
-            r = rank_rows(t_score, cand_scores, full_scores, b, catalogue, sample, s)
+            r = rank_rows(t_score, cand_scores, full_scores, b, catalogue, sample, s, full_target_scores=t_full)
             for key in ("cand_ranks", "full_ranks", "cand_top", "full_top"):
                 parts[key].extend(r[key] if key.endswith("_top") else [r[key]])
             parts["logits"].append(logits)
@@ -438,6 +462,8 @@ def pyfunc_input(h: Holdout, vocab: Mapping[str, Mapping[str, int]], n: int = SA
 
     inv_p = {i: t for t, i in (vocab.get("product") or {}).items()}
     inv_e = {i: t for t, i in (vocab.get("event") or {}).items()}
+    inv_h = {i: t for t, i in (vocab.get("host") or {}).items() if i >= FIRST_REAL_ID}
+    hour = lambda t: int(t) - FIRST_REAL_ID if t >= FIRST_REAL_ID else None  # noqa: E731 - hour token -> UTC hour
     rows = []
     for i in range(min(n, len(h))):
         k = int(h.hist_len[i])
@@ -451,6 +477,12 @@ def pyfunc_input(h: Holdout, vocab: Mapping[str, Mapping[str, int]], n: int = SA
             "hist_dt_hours": [float(x) for x in h.hist_dt[i, sl]],
             "pp_features": [float(x) for x in h.pp_features[i]],
             "candidates": [inv_p[int(c)] for c in h.cand_products[i] if int(c) in inv_p and int(c) >= FIRST_REAL_ID],
+            "hist_host": [inv_h.get(int(x)) for x in h.hist_host[i, sl]],
+            "hist_hour": [hour(x) for x in h.hist_hour[i, sl]],
+            "cand_host": [inv_h.get(int(x)) for x, c in zip(h.cand_host[i], h.cand_products[i], strict=True)
+                          if int(c) in inv_p and int(c) >= FIRST_REAL_ID],
+            "cand_hour": [hour(x) for x, c in zip(h.cand_hour[i], h.cand_products[i], strict=True)
+                          if int(c) in inv_p and int(c) >= FIRST_REAL_ID],
         })
     return pd.DataFrame(rows)
 

@@ -30,6 +30,12 @@ Definitions (all times UTC; a "window before c" is [c - N days, c)):
   that follows the cutoff. The window is half-open on the right (not (c, c+1d]) so that
   it is exactly the complement of the strict history of the next cutoff: no event is in
   both, none falls in between.
+- stream context: every history event carries its stream's host (``hist_host``, host
+  vocabulary of D; an event without a host or a host unknown to D is 1) and its UTC hour of
+  day (``hist_hour`` = 2 + hour); every candidate carries the host and hour of its earliest
+  slot on the schedule of its target day (``cand_host``, ``cand_hour``; padding 0). Which
+  stream a viewer watches - favourite hosts, the hours they are online - decides what they
+  can buy, and product ids alone do not say which host will show a product tomorrow.
 - dwell bucket: 1 for dwell < 100 ms (also 0 / null: likes, clicks, carts), else
   2 + floor(log2(dwell_ms / 100)) capped at 15 (>= ~13.7 min); 0 is padding.
 - price tier 1..5: the viewer's price level is the average unit price paid over 30 days
@@ -66,6 +72,7 @@ EVENT_TYPES: tuple[str, ...] = (
 )
 PAD_IDX, UNK_IDX, FIRST_IDX = 0, 1, 2
 PAD_TOKEN, UNK_TOKEN = "<pad>", "<unk>"
+VOCAB_KINDS = ("product", "category", "event", "host")
 #: Training days before D (cutoffs at the end of D-TRAIN_DAYS .. D-1); conf key features.train_days once it exists.
 TRAIN_DAYS = 6
 #: Share of the validation cutoff's viewers whose rows become split 'test' (conf features.test_share).
@@ -91,6 +98,7 @@ HOUR_US = 3_600_000_000
 SILVER = "silver/viewer_events"
 PRODUCTS = "bronze/products"
 STREAM_PRODUCTS = "bronze/stream_products"
+STREAMS = "bronze/streams"
 VOCAB = "gold/vocabularies"
 VIEWER_FEATURES = "gold/viewer_features"
 TRAINING = "gold/training_examples"
@@ -192,6 +200,11 @@ def dwell_bucket(dwell_ms: Column) -> Column:
     )
 
 
+def hour_token(ts_us: Column) -> Column:
+    """Hour-of-day id 2 + UTC hour (0 padding, 1 unknown) of a time in microseconds since the epoch."""
+    return F.coalesce((F.pmod(F.floor(ts_us / F.lit(HOUR_US)), F.lit(24)) + 2).cast("int"), F.lit(UNK_IDX))
+
+
 def event_index(event_type: Column) -> Column:
     """Event-type id: 2 + position in EVENT_TYPES, 1 for an unknown type (no join needed)."""
     pos = F.array_position(F.array(*[F.lit(t) for t in EVENT_TYPES]), event_type)
@@ -228,7 +241,7 @@ def latest_catalog(products: DataFrame) -> DataFrame:
 
 
 def build_vocabularies(catalog: DataFrame, silver: DataFrame, as_of: dt.date) -> DataFrame:
-    """gold/vocabularies rows: products (catalog + silver), categories (catalog), event types.
+    """gold/vocabularies rows: products (catalog + silver), categories (catalog), hosts (silver), event types.
 
     Each kind has <pad> = 0 and <unk> = 1; real tokens are numbered from 2 in sorted order
     (event types in the fixed order of EVENT_TYPES), so ids depend only on the token sets.
@@ -241,11 +254,15 @@ def build_vocabularies(catalog: DataFrame, silver: DataFrame, as_of: dt.date) ->
         catalog.filter(F.col("category").isNotNull()).select(F.col("category").alias("token")).distinct()
         .withColumn("kind", F.lit("category"))
     )
-    ranked = products.unionByName(categories).withColumn(
+    hosts = (
+        silver.filter(F.col("host_id").isNotNull()).select(F.col("host_id").alias("token")).distinct()
+        .withColumn("kind", F.lit("host"))
+    )
+    ranked = products.unionByName(categories).unionByName(hosts).withColumn(
         "idx", (F.row_number().over(Window.partitionBy("kind").orderBy("token")) + FIRST_IDX - 1).cast("int")
     )
-    fixed = [(kind, PAD_TOKEN, PAD_IDX) for kind in ("product", "category", "event")]
-    fixed += [(kind, UNK_TOKEN, UNK_IDX) for kind in ("product", "category", "event")]
+    fixed = [(kind, PAD_TOKEN, PAD_IDX) for kind in VOCAB_KINDS]
+    fixed += [(kind, UNK_TOKEN, UNK_IDX) for kind in VOCAB_KINDS]
     fixed += [("event", t, FIRST_IDX + i) for i, t in enumerate(EVENT_TYPES)]
     fixed_df = spark.createDataFrame(fixed, "kind string, token string, idx int")
     return (
@@ -267,12 +284,19 @@ def product_lookup(vocab: DataFrame, catalog: DataFrame) -> DataFrame:
     )
 
 
-def encode_events(silver: DataFrame, lookup: DataFrame, params: FeatureParams) -> DataFrame:
+def host_lookup(vocab: DataFrame) -> DataFrame:
+    """host_id -> h_idx (real hosts of the vocabulary)."""
+    return vocab.filter((F.col("kind") == "host") & (F.col("idx") >= FIRST_IDX)).select(
+        F.col("token").alias("host_id"), F.col("idx").alias("h_idx"))
+
+
+def encode_events(silver: DataFrame, lookup: DataFrame, hosts: DataFrame, params: FeatureParams) -> DataFrame:
     """Silver events -> ints the model reads, plus the slot each event falls in."""
     ts_us = F.unix_micros(F.col("event_ts"))
     return (
         silver.filter(F.col("viewer_id").isNotNull() & F.col("event_ts").isNotNull())
         .join(F.broadcast(lookup), "product_id", "left")
+        .join(F.broadcast(hosts), "host_id", "left")
         .select(
             "viewer_id", "event_type", "dwell_ms", "price_paid", "quantity", "list_price",
             ts_us.alias("ts_us"),
@@ -282,6 +306,8 @@ def encode_events(silver: DataFrame, lookup: DataFrame, params: FeatureParams) -
             F.when(F.col("product_id").isNotNull(), F.coalesce("c_idx", F.lit(UNK_IDX))).cast("int").alias("c"),
             event_index(F.col("event_type")).alias("e"),
             dwell_bucket(F.col("dwell_ms")).alias("dwb"),
+            F.coalesce("h_idx", F.lit(UNK_IDX)).cast("int").alias("h"),
+            hour_token(ts_us).alias("hr"),
         )
     )
 
@@ -295,7 +321,8 @@ def slot_summaries(events: DataFrame, params: FeatureParams) -> DataFrame:
     priced = et.isin("view_product", "click_product", "add_to_cart") & F.col("list_price").isNotNull()
     count_if = lambda cond: F.sum(F.when(cond, 1).otherwise(0)).cast("long")  # noqa: E731
     hist_item = F.struct(
-        F.col("ts_us").alias("ts"), F.col("e").alias("e"), F.col("p").alias("p"), F.col("c").alias("c"), F.col("dwb").alias("dwb"))
+        F.col("ts_us").alias("ts"), F.col("e").alias("e"), F.col("p").alias("p"), F.col("c").alias("c"), F.col("dwb").alias("dwb"),
+        F.col("h").alias("h"), F.col("hr").alias("hr"))
     tgt_item = F.struct(F.col("ts_us").alias("ts"), F.col("e").alias("e"), F.col("p").alias("p"))
     return (
         events.groupBy("viewer_id", "slot").agg(
@@ -432,6 +459,8 @@ def with_history_arrays(states: DataFrame, params: FeatureParams) -> DataFrame:
         .withColumn("hist_category", _left_pad(F.transform("_h", lambda x: x["c"]), L, zero_i))
         .withColumn("hist_event", _left_pad(F.transform("_h", lambda x: x["e"]), L, zero_i))
         .withColumn("hist_dwell", _left_pad(F.transform("_h", lambda x: x["dwb"]), L, zero_i))
+        .withColumn("hist_host", _left_pad(F.transform("_h", lambda x: x["h"]), L, zero_i))
+        .withColumn("hist_hour", _left_pad(F.transform("_h", lambda x: x["hr"]), L, zero_i))
         .withColumn("hist_dt", _left_pad(
             F.transform("_h", lambda x: ((c_us - x["ts"]) / F.lit(float(HOUR_US))).cast("float")), L, zero_f))
         .drop("_h")
@@ -447,43 +476,87 @@ def viewer_features(states: DataFrame, cutoff_us: int, as_of: dt.date, params: F
         "viewer_id", "recency_days", "frequency_7d", "frequency_30d", "monetary_7d", "monetary_30d", "avg_price_paid",
         "price_tier", "watch_time_ms", "dwell_ms_total", "likes", "comments", "gifts", "n_events",
         F.timestamp_micros("last_us").alias("last_event_ts"),
-        "hist_product", "hist_category", "hist_event", "hist_dwell", "hist_dt", "hist_len",
+        "hist_product", "hist_category", "hist_event", "hist_dwell", "hist_dt", "hist_len", "hist_host", "hist_hour",
         F.lit(as_of).alias("as_of_date"),
     )
 
 
-def schedule_arrays(stream_products: DataFrame, lookup: DataFrame) -> DataFrame:
-    """(snapshot_date, sched): the sorted distinct product ids each day's streams will show.
+def first_slots(stream_products: DataFrame, streams: DataFrame) -> DataFrame:
+    """One row per (snapshot_date, product_id) on the schedule: its earliest slot that day.
+
+    Columns snapshot_date, product_id, stream_id, host_id, slot_start (slot_start_ts, else
+    the stream's start_ts), n_slots. The earliest slot wins (nulls last, ties by stream_id),
+    so a product's context is the first time it is live; the scorer uses the same rows for
+    the rankings it publishes, so training and serving see the same slot.
+    """
+    per_stream = streams.groupBy("snapshot_date", "stream_id").agg(
+        F.min("start_ts").alias("_stream_start"), F.min("host_id").alias("host_id"))
+    slots = (
+        stream_products.filter(F.col("product_id").isNotNull())
+        .join(per_stream, ["snapshot_date", "stream_id"], "left")
+        .withColumn("slot_start", F.coalesce("slot_start_ts", "_stream_start"))
+    )
+    first = F.min(F.struct(F.col("slot_start").isNull().alias("_n"), F.col("slot_start"), F.col("stream_id"),
+                           F.col("host_id")))
+    return slots.groupBy("snapshot_date", "product_id").agg(first.alias("_f"), F.count(F.lit(1)).alias("n_slots")).select(
+        "snapshot_date", "product_id", F.col("_f.stream_id").alias("stream_id"), F.col("_f.host_id").alias("host_id"),
+        F.col("_f.slot_start").alias("slot_start"), F.col("n_slots").cast("long").alias("n_slots"))
+
+
+def schedule_arrays(stream_products: DataFrame, streams: DataFrame, lookup: DataFrame, hosts: DataFrame) -> DataFrame:
+    """(snapshot_date, sched, sched_host, sched_hour): each day's scheduled products (sorted
+    distinct product ids) and, position by position, the host and hour of their first slot.
 
     Products outside the vocabulary are left out: an "unknown" candidate carries no signal.
     """
-    return (
-        stream_products.filter(F.col("product_id").isNotNull())
+    item = F.struct(
+        F.col("p_idx").cast("int").alias("p"),
+        F.coalesce("h_idx", F.lit(UNK_IDX)).cast("int").alias("h"),
+        hour_token(F.unix_micros("slot_start")).alias("hr"))
+    ctx = (
+        first_slots(stream_products, streams)
         .join(F.broadcast(lookup.select("product_id", "p_idx")), "product_id", "inner")
-        .groupBy("snapshot_date")
-        .agg(F.array_sort(F.collect_set(F.col("p_idx").cast("int"))).alias("sched"))
+        .join(F.broadcast(hosts), "host_id", "left")
+        .groupBy("snapshot_date").agg(F.array_sort(F.collect_list(item)).alias("_ctx"))
     )
+    return ctx.select(
+        "snapshot_date",
+        F.transform("_ctx", lambda x: x["p"]).alias("sched"),
+        F.transform("_ctx", lambda x: x["h"]).alias("sched_host"),
+        F.transform("_ctx", lambda x: x["hr"]).alias("sched_hour"))
 
 
-def candidates(targets: Column, sched: Column, viewer: Column, cutoff_ts: Column, size: int) -> Column:
-    """C candidate products: the scheduled positives first, then scheduled products drawn by
-    a hash of (viewer, cutoff, i), so a re-run draws the same ones.
+def candidate_positions(targets: Column, sched: Column, viewer: Column, cutoff_ts: Column, size: int) -> Column:
+    """C candidates as 1-based positions in ``sched`` (0 = padding): the scheduled positives
+    first, then scheduled products drawn by a hash of (viewer, cutoff, i), so a re-run draws
+    the same ones.
 
     2C hash draws without the positives usually give C distinct products; on a small
     schedule the rest of the schedule follows, then repeats; no schedule gives all 0.
+    Positions (not product ids) let the host and hour arrays be read at O(1) each.
     """
-    pos = F.filter(targets, lambda p: F.array_contains(sched, p))
     n = F.size(sched)
+    pos = F.filter(F.transform(targets, lambda p: F.array_position(sched, p).cast("int")), lambda i: i > 0)
     draws = F.transform(
         F.sequence(F.lit(1), F.lit(2 * size)),
-        lambda i: F.element_at(sched, (F.pmod(F.xxhash64(viewer, cutoff_ts, i), n.cast("long")) + 1).cast("int")),
+        lambda i: (F.pmod(F.xxhash64(viewer, cutoff_ts, i), n.cast("long")) + 1).cast("int"),
     )
     fill = F.array_except(draws, pos)
     head = F.concat(pos, fill)
     full = F.when(F.size(head) >= size, F.slice(head, 1, size)).otherwise(
-        F.slice(F.concat(head, F.array_except(sched, head), draws), 1, size))
+        F.slice(F.concat(head, F.array_except(F.sequence(F.lit(1), n), head), draws), 1, size))
     cand = F.when(n > 0, full).otherwise(F.array().cast("array<int>"))
-    return _right_pad(cand, size, F.lit(PAD_IDX).cast("int"))
+    return _right_pad(cand, size, F.lit(0).cast("int"))
+
+
+def at_positions(values: Column, positions: Column) -> Column:
+    """values[i] for each 1-based position (0 gives padding 0)."""
+    return F.transform(positions, lambda i: F.when(i > 0, F.element_at(values, i)).otherwise(F.lit(PAD_IDX)).cast("int"))
+
+
+def candidates(targets: Column, sched: Column, viewer: Column, cutoff_ts: Column, size: int) -> Column:
+    """The candidate product ids of candidate_positions (padding 0)."""
+    return at_positions(sched, candidate_positions(targets, sched, viewer, cutoff_ts, size))
 
 
 def is_test_viewer(viewer: Column, share: float) -> Column:
@@ -518,14 +591,18 @@ def training_examples(states: DataFrame, cutoffs: list[tuple[int, str]], schedul
         .withColumn("_t", F.slice(tgt, 1, T_))
         .withColumn("target_products", _right_pad(F.col("_t"), T_, F.lit(PAD_IDX).cast("int")))
         .withColumn("target_product", F.col("target_products")[0].cast("int"))
-        .withColumn("cand_products", candidates(F.col("_t"), F.col("sched"), F.col("viewer_id"), F.col("cutoff_ts"), C))
+        .withColumn("_cpos", candidate_positions(F.col("_t"), F.col("sched"), F.col("viewer_id"), F.col("cutoff_ts"), C))
+        .withColumn("cand_products", at_positions(F.col("sched"), F.col("_cpos")))
+        .withColumn("cand_host", at_positions(F.col("sched_host"), F.col("_cpos")))
+        .withColumn("cand_hour", at_positions(F.col("sched_hour"), F.col("_cpos")))
         .withColumn("split", split_of[F.col("cutoff_us")])
         .withColumn("split", F.when((F.col("split") == "valid") & is_test_viewer(F.col("viewer_id"), params.test_share),
                                     F.lit("test")).otherwise(F.col("split")))
     )
     return rows.select(
         "viewer_id", "cutoff_ts", "hist_product", "hist_category", "hist_event", "hist_dwell", "hist_dt", "hist_len",
-        "pp_features", "target_product", "target_products", "cand_products", "label_purchase", "split",
+        "hist_host", "hist_hour", "pp_features", "target_product", "target_products", "cand_products", "cand_host",
+        "cand_hour", "label_purchase", "split",
         F.lit(as_of).alias("as_of_date"),
     )
 
@@ -577,6 +654,7 @@ def build_features(ctx: Context, date: dt.date) -> dict[str, Any]:
         catalog = catalog.persist(StorageLevel.MEMORY_AND_DISK)
         vocab = build_vocabularies(catalog, silver, date).persist(StorageLevel.MEMORY_AND_DISK)
         lookup = product_lookup(vocab, catalog).persist(StorageLevel.MEMORY_AND_DISK)
+        hosts = host_lookup(vocab).persist(StorageLevel.MEMORY_AND_DISK)
         thresholds = price_thresholds(catalog)
 
         train_cuts = training_cutoffs(date, params)
@@ -585,14 +663,18 @@ def build_features(ctx: Context, date: dt.date) -> dict[str, Any]:
         ts_lo = min(all_cuts) - params.lookback_days * DAY_US
         events = encode_events(
             silver.filter((F.unix_micros("event_ts") >= F.lit(ts_lo)) & (F.unix_micros("event_ts") < F.lit(serve_cut))),
-            lookup, params)
+            lookup, hosts, params)
         states = cutoff_states(slot_summaries(events, params), all_cuts, params).persist(StorageLevel.MEMORY_AND_DISK)
 
         sp_t = ctx.table(STREAM_PRODUCTS)
         sp_v = sp_t.version()
         run.read(STREAM_PRODUCTS, sp_v)
         sched_dates = sorted({dt.date(1970, 1, 1) + dt.timedelta(microseconds=c) for c, _ in train_cuts})
-        schedules = schedule_arrays(sp_t.read(version=sp_v).filter(F.col("snapshot_date").isin(sched_dates)), lookup)
+        st_t = ctx.table(STREAMS)
+        st_v = st_t.version()
+        run.read(STREAMS, st_v)
+        schedules = schedule_arrays(sp_t.read(version=sp_v).filter(F.col("snapshot_date").isin(sched_dates)),
+                                    st_t.read(version=st_v).filter(F.col("snapshot_date").isin(sched_dates)), lookup, hosts)
         schedules = schedules.persist(StorageLevel.MEMORY_AND_DISK)
         have_sched = {r["snapshot_date"] for r in schedules.select("snapshot_date").collect()}
         missing_sched = [d for d in sched_dates if d not in have_sched]
@@ -627,7 +709,7 @@ def build_features(ctx: Context, date: dt.date) -> dict[str, Any]:
                                                 commit_info=commit)
             run.wrote(TRAINING, res.version)
         finally:
-            for df in (states, schedules, lookup, vocab, catalog):
+            for df in (states, schedules, hosts, lookup, vocab, catalog):
                 df.unpersist()
 
         run.metrics.update({
@@ -647,8 +729,9 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "EVENT_TYPES", "PP_FEATURES", "TEST_SHARE", "TRAIN_DAYS", "FeatureParams", "build_features", "build_vocabularies",
-    "candidates", "cutoff_states", "dwell_bucket", "encode_events", "event_index", "feature_cutoff_us",
+    "EVENT_TYPES", "PP_FEATURES", "TEST_SHARE", "TRAIN_DAYS", "VOCAB_KINDS", "FeatureParams", "at_positions",
+    "build_features", "build_vocabularies", "candidate_positions", "candidates", "cutoff_states", "dwell_bucket",
+    "encode_events", "event_index", "feature_cutoff_us", "first_slots", "host_lookup", "hour_token",
     "is_test_viewer", "latest_catalog", "pp_features_expr", "price_thresholds", "product_lookup", "run",
     "schedule_arrays", "silver_window", "slot_summaries", "training_cutoffs", "training_examples", "viewer_features",
     "with_history_arrays", "with_purchase_power",

@@ -22,7 +22,8 @@ What the benchmark rows contain (the log has no streams, categories or dwell): p
 items mapped to ids >= 2 (sorted tokens); category and event are constants (2); dwell is
 bucket 1; ``hist_dt`` is the real time gap, hours between each history event and the
 predicted interaction; purchase-power features are 0 and the intent heads are switched off
-(``intent_weight = cand_weight = 0``): only the ranking head is benchmarked.
+(``intent_weight = cand_weight = cand_rank_weight = 0``): only the ranking head is benchmarked,
+with the sampled-softmax loss of the paper; there is no stream context (no host vocabulary).
 """
 
 from __future__ import annotations
@@ -341,6 +342,8 @@ def _history(ids: np.ndarray, times: np.ndarray, at_us: int, seq_len: int) -> di
         "hist_dwell": [0] * pad + [DWELL_BUCKET] * n,
         "hist_dt": [0.0] * pad + hours.tolist(),
         "hist_len": n,
+        "hist_host": [0] * seq_len,  # no streams in an interaction log: no context (the model has n_hosts 0)
+        "hist_hour": [0] * seq_len,
     }
 
 
@@ -367,7 +370,8 @@ def example_rows(split: LooSplit, valid_negatives: np.ndarray, seq_len: int) -> 
                 "viewer_id": user, "cutoff_ts": dt.datetime.fromtimestamp(at / 1e6, dt.UTC),
                 **_history(hist_ids, hist_t, at, seq_len),
                 "pp_features": [0.0] * N_PP, "target_product": target, "target_products": [target],
-                "cand_products": cands, "label_purchase": 0, "split": kind,
+                "cand_products": cands, "cand_host": [0] * len(cands), "cand_hour": [0] * len(cands),
+                "label_purchase": 0, "split": kind,
             })
     return rows
 
@@ -537,7 +541,8 @@ def benchmark_loo(ctx: Context, dataset: str, negatives: int = 100, k: int = 10,
         vocab_path = write_vocab(split, work / "vocab.json")
         conf = ctx.cfg.to_dict()
         conf["model"] = {**conf["model"], "seq_len": seq_len, "vocab_path": str(vocab_path),
-                         "intent_weight": 0.0, "cand_weight": 0.0}
+                         "intent_weight": 0.0, "cand_weight": 0.0,
+                         "cand_rank_weight": 0.0}
         conf["train"] = {**conf["train"], "max_epochs": int(epochs), "patience": int(patience), "seed": int(seed),
                          "eval_protocol": "candidates", "eval_k": int(k), "progress": False,
                          **({"batch_size": int(batch_size)} if batch_size else {})}

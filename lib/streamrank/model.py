@@ -8,11 +8,20 @@ One encoder, two heads:
   time-decay bias ``-lambda_{type_j} * age_j`` (the log of an ``exp(-lambda * dt)`` weight),
   ``lambda = softplus(raw) > 0`` per head and per event type of the *key* event, so e.g. a
   purchase can stay relevant for days while a view fades within hours.
+* **Stream context** (``n_hosts > 0``) - what a viewer buys depends on which streams they
+  watch: their favourite hosts and the hours they are online. Every history event adds the
+  embeddings of its stream's host and its UTC hour of day; every candidate adds those of the
+  slot that will show it tomorrow (``cand_vec = item_vec + context_vec``). A model with
+  ``n_hosts = 0`` (older models, the leave-one-out benchmark) has no context and ignores
+  the context inputs.
 * **Ranking head** - viewer state = encoder output at the last position (the most recent event;
   histories are left-padded). Score of product p = ``state . item_vec(p)`` where the item tower
   ``item_vec`` shares the input embeddings. Trained with sampled softmax (or BCE) against
   ``num_negatives`` uniformly sampled products, at every history position (next event) and at
-  the last position (next cart/buy after the cutoff).
+  the last position (next cart/buy after the cutoff). A candidate is scored with its slot
+  context, ``state . cand_vec(p, host, hour)``; a softmax over each row's candidates
+  (``cand_rank_weight``) teaches the context terms, which the context-free sampled negatives
+  cannot.
 * **Intent head** - DIN-style target attention: each candidate product attends over the encoder
   outputs (with its own per-type time decay relative to the cutoff, plus a learned "null" slot
   so cold-start viewers are well defined), combined with the viewer state and purchase-power
@@ -46,10 +55,16 @@ MAX_PAIRS_PER_CHUNK = 65536
 # Upper end of the time-gap buckets: gaps beyond 60 days share the last bucket.
 DT_MAX_HOURS = 24.0 * 60.0
 
+#: Hour-of-day tokens: 0 padding, 1 unknown, 2 + UTC hour (features.hour_token).
+N_HOUR_TOKENS = 26
+
 BATCH_INT_KEYS = (
     "hist_product", "hist_category", "hist_event", "hist_dwell", "hist_len",
     "target_product", "target_products", "cand_products", "label_purchase",
+    "hist_host", "hist_hour", "cand_host", "cand_hour",
 )
+#: Stream-context inputs; a batch without them (or a model with n_hosts = 0) has no context.
+CONTEXT_KEYS = ("hist_host", "hist_hour", "cand_host", "cand_hour")
 BATCH_FLOAT_KEYS = ("hist_dt", "pp_features")
 
 
@@ -65,6 +80,7 @@ class ModelConfig:
     n_price_tiers: int = 8
     seq_len: int = 50
     n_pp_features: int = 8
+    n_hosts: int = 0  # host vocabulary size; 0 = no stream context (models before it, the LOO benchmark)
     d_model: int = 64
     n_heads: int = 2
     n_layers: int = 2
@@ -74,6 +90,7 @@ class ModelConfig:
     seq_loss_weight: float = 1.0  # next-event loss at every history position (SASRec)
     intent_weight: float = 1.0  # viewer-level BCE on label_purchase
     cand_weight: float = 0.5  # per-candidate BCE (candidate in target_products)
+    cand_rank_weight: float = 1.0  # softmax of target_product over the row's candidates (with context)
     intent_pool: str = "attention"  # or "logsumexp"
     decay_init: float = 0.01  # initial lambda, per hour (half-life ~ 70 h)
     intent_chunk: int = 256  # candidates per chunk in intent()
@@ -129,6 +146,13 @@ def batch_to_tensors(batch: Mapping[str, Any], device: torch.device | str = "cpu
         elif k in BATCH_FLOAT_KEYS:
             out[k] = torch.as_tensor(v).to(device=device, dtype=torch.float32, non_blocking=True)
     return out
+
+
+def target_positions(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Index of target_product among cand_products [B] and whether it is there at all [B]."""
+    cands, tgt = batch["cand_products"], batch["target_product"]
+    hit = (cands == tgt.unsqueeze(1)) & (tgt.unsqueeze(1) >= FIRST_REAL_ID)
+    return hit.float().argmax(dim=1), hit.any(dim=1)
 
 
 class DecayAttentionBlock(nn.Module):
@@ -209,6 +233,9 @@ class StreamRankModel(nn.Module):
         self.dwell_emb = nn.Embedding(cfg.n_dwell_buckets, d, padding_idx=PAD_ID)
         self.dt_emb = nn.Embedding(cfg.n_dt_buckets, d, padding_idx=PAD_ID)
         self.pos_emb = nn.Embedding(cfg.seq_len, d)
+        if cfg.n_hosts > 0:
+            self.host_emb = nn.Embedding(cfg.n_hosts, d, padding_idx=PAD_ID)
+            self.hour_emb = nn.Embedding(N_HOUR_TOKENS, d, padding_idx=PAD_ID)
         self.in_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([DecayAttentionBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_ln = nn.LayerNorm(d)
@@ -264,6 +291,44 @@ class StreamRankModel(nn.Module):
         c = self.product_category[p] if category_ids is None else category_ids.clamp(0, self.cfg.n_categories - 1)
         return self.product_emb(p) + self.category_emb(c) + self.tier_emb(self.product_price_tier[p])
 
+    @property
+    def has_context(self) -> bool:
+        return self.cfg.n_hosts > 0
+
+    def context_vec(self, host: Tensor | None, hour: Tensor | None) -> Tensor | None:
+        """Host + hour-of-day embedding of a stream slot, or None without context (0 ids are padding)."""
+        if not self.has_context or host is None or hour is None:
+            return None
+        return self.host_emb(host.clamp(0, self.cfg.n_hosts - 1)) + self.hour_emb(hour.clamp(0, N_HOUR_TOKENS - 1))
+
+    def cand_vec(self, product_ids: Tensor, host: Tensor | None = None, hour: Tensor | None = None) -> Tensor:
+        """Candidate tower: the item vector plus the context of the slot that shows it."""
+        v = self.item_vec(product_ids)
+        ctx = self.context_vec(host, hour)
+        return v if ctx is None else v + ctx
+
+    def target_context(self, batch: Mapping[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        """Host and hour of ``target_product``'s slot, read from its position among the candidates.
+
+        A target outside the candidates (not on the schedule) gets padding: no context.
+        """
+        if not self.has_context or "cand_host" not in batch:
+            return None, None
+        pos, found = target_positions(batch)
+        host = batch["cand_host"].gather(1, pos.unsqueeze(1)).squeeze(1) * found
+        hour = batch["cand_hour"].gather(1, pos.unsqueeze(1)).squeeze(1) * found
+        return host, hour
+
+    def target_scores(self, state: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """[B] score of each row's target_product as a candidate (with its slot context)."""
+        host, hour = self.target_context(batch)
+        return (state * self.cand_vec(batch["target_product"], host, hour)).sum(-1)
+
+    def candidate_scores(self, state: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """[B, C] scores of each row's cand_products (with their slot context)."""
+        return torch.einsum("bd,bnd->bn", state, self.cand_vec(
+            batch["cand_products"], batch.get("cand_host"), batch.get("cand_hour")))
+
     def dt_bucket(self, dt: Tensor, valid: Tensor) -> Tensor:
         """Log-spaced time-gap buckets: 1 .. n_dt_buckets-1 for real events, 0 for padding."""
         n = self.cfg.n_dt_buckets
@@ -297,6 +362,11 @@ class StreamRankModel(nn.Module):
             + self.dt_emb(self.dt_bucket(dt, valid))
             + self.pos_emb(pos).unsqueeze(0)
         )
+        ctx = self.context_vec(
+            batch["hist_host"] * valid if "hist_host" in batch else None,
+            batch["hist_hour"] * valid if "hist_hour" in batch else None)
+        if ctx is not None:
+            x = x + ctx
         x = self.in_drop(x)
         causal = torch.ones(length, length, dtype=torch.bool, device=prod.device).tril()
         eye = torch.eye(length, dtype=torch.bool, device=prod.device)
@@ -315,9 +385,9 @@ class StreamRankModel(nn.Module):
         """[B, D] viewer representation: the encoder output at the most recent event."""
         return self.encode(batch)[0][:, -1]
 
-    def candidate_matrix(self, product_ids: Tensor) -> Tensor:
-        """[N, D] item-tower vectors; compute once per night for all candidate products."""
-        return self.item_vec(product_ids)
+    def candidate_matrix(self, product_ids: Tensor, host: Tensor | None = None, hour: Tensor | None = None) -> Tensor:
+        """[N, D] candidate vectors (with slot context when given); once per night for all candidates."""
+        return self.cand_vec(product_ids, host, hour)
 
     @staticmethod
     def rank_scores(state: Tensor, cand_matrix: Tensor) -> Tensor:
@@ -325,23 +395,25 @@ class StreamRankModel(nn.Module):
         return state @ cand_matrix.T
 
     @torch.no_grad()
-    def intent(self, batch: Mapping[str, Tensor], cand_ids: Tensor,
-               hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def intent(self, batch: Mapping[str, Tensor], cand_ids: Tensor, hidden: Tensor | None = None,
+               cand_host: Tensor | None = None, cand_hour: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Per-candidate purchase probabilities [B, N] and viewer intent P(purchase) [B].
 
         ``cand_ids`` is [N] (one candidate set for every viewer, e.g. tomorrow's schedule) or
         [B, N] (per viewer, 0 = padding). Work is chunked over candidates so that at most
         ``intent_chunk`` candidates and MAX_PAIRS_PER_CHUNK (viewer, candidate) pairs are live.
         Pass ``hidden = encode(batch)[0]`` to reuse one encoder pass for state and intent
-        (``viewer_state == hidden[:, -1]``).
+        (``viewer_state == hidden[:, -1]``). ``cand_host``/``cand_hour`` are the candidates' slot
+        context, shaped like ``cand_ids``.
         """
         h = self.encode(batch)[0] if hidden is None else hidden
-        cand_logit, viewer_logit = self._intent_from_encoded(h, batch, cand_ids)
+        cand_logit, viewer_logit = self._intent_from_encoded(h, batch, cand_ids, cand_host, cand_hour)
         return torch.sigmoid(cand_logit.float()), torch.sigmoid(viewer_logit.float())
 
     # ------------------------------------------------------------------ intent internals
     def _intent_from_encoded(
-        self, h: Tensor, batch: Mapping[str, Tensor], cand_ids: Tensor
+        self, h: Tensor, batch: Mapping[str, Tensor], cand_ids: Tensor,
+        cand_host: Tensor | None = None, cand_hour: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Per-candidate logits [B, N] and pooled viewer logit [B] from encoder outputs."""
         cfg = self.cfg
@@ -365,7 +437,8 @@ class StreamRankModel(nn.Module):
         logits = []
         for s in range(0, n, chunk):
             ids = cand_ids[..., s:s + chunk]
-            e = self.item_vec(ids)  # [n, D] or [B, n, D]
+            e = self.cand_vec(ids, None if cand_host is None else cand_host[..., s:s + chunk],
+                              None if cand_hour is None else cand_hour[..., s:s + chunk])  # [n, D] or [B, n, D]
             q = self.din_q(e)
             if shared:
                 att = torch.einsum("nd,bld->bnl", q, keys) * null_logit_scale
@@ -403,11 +476,11 @@ class StreamRankModel(nn.Module):
         h, _ = self.encode(batch)
         state = h[:, -1]
         cands = batch["cand_products"]
-        rank_logits = torch.einsum("bd,bnd->bn", state, self.item_vec(cands))
-        cand_logit, viewer_logit = self._intent_from_encoded(h, batch, cands)
+        rank_logits = self.candidate_scores(state, batch)
+        cand_logit, viewer_logit = self._intent_from_encoded(h, batch, cands, batch.get("cand_host"), batch.get("cand_hour"))
         out = {"state": state, "rank_logits": rank_logits, "cand_logit": cand_logit, "viewer_logit": viewer_logit}
         if compute_loss:
-            out.update(self._losses(h, batch, cand_logit, viewer_logit))
+            out.update(self._losses(h, batch, rank_logits, cand_logit, viewer_logit))
         return out
 
     def _ranking_loss(self, hidden: Tensor, targets: Tensor, negatives: Tensor) -> Tensor:
@@ -423,8 +496,21 @@ class StreamRankModel(nn.Module):
         logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
         return (torch.logsumexp(logits, dim=1) - pos).mean()
 
+    @staticmethod
+    def _candidate_softmax_loss(batch: Mapping[str, Tensor], rank_logits: Tensor) -> Tensor:
+        """Cross-entropy of target_product among the row's real candidates (rows where it is one).
+
+        This is the nightly ranking task itself (tomorrow's scheduled products); it is where the
+        slot-context embeddings learn, since sampled catalogue negatives carry no slot.
+        """
+        pos, rows = target_positions(batch)
+        if not bool(rows.any()):
+            return rank_logits.sum() * 0.0
+        logits = rank_logits.float().masked_fill(batch["cand_products"] < FIRST_REAL_ID, float("-inf"))[rows]
+        return F.cross_entropy(logits, pos[rows])
+
     def _losses(
-        self, h: Tensor, batch: Mapping[str, Tensor], cand_logit: Tensor, viewer_logit: Tensor
+        self, h: Tensor, batch: Mapping[str, Tensor], rank_logits: Tensor, cand_logit: Tensor, viewer_logit: Tensor
     ) -> dict[str, Tensor]:
         cfg = self.cfg
         prod = batch["hist_product"]
@@ -440,6 +526,8 @@ class StreamRankModel(nn.Module):
         tmask = tgt >= FIRST_REAL_ID
         target_loss = self._ranking_loss(h[:, -1][tmask], tgt[tmask], negatives)
         rank_loss = target_loss + cfg.seq_loss_weight * seq_loss
+        if cfg.cand_rank_weight > 0:
+            rank_loss = rank_loss + cfg.cand_rank_weight * self._candidate_softmax_loss(batch, rank_logits)
 
         intent_loss = F.binary_cross_entropy_with_logits(viewer_logit.float(), batch["label_purchase"].float())
         cands = batch["cand_products"]

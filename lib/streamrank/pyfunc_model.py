@@ -7,6 +7,9 @@ optionally ``product_price_tier``) and optionally a calibrator (``calibrator.jso
 ``{"method": "platt", "a", "b"}`` on the intent logit, or isotonic ``{"method": "isotonic",
 "x": [...], "y": [...]}``). ``predict`` takes one row per viewer with raw histories - product ids,
 event types, dwell in ms, hours before the cutoff - so a consumer needs no feature code.
+Optional stream context (CONTEXT_COLUMNS): each history event's host id and UTC hour of day,
+and each candidate's host id and UTC hour of its slot; missing columns or values mean "no
+context", which a model trained with context scores as it scored padding.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import pandas as pd
 import torch
 
 from streamrank.model import (
+    FIRST_REAL_ID,
     PAD_ID,
     UNK_ID,
     StreamRankModel,
@@ -33,6 +37,7 @@ from streamrank.model import (
 
 INPUT_COLUMNS = ("viewer_id", "hist_product", "hist_event", "hist_dwell_ms", "hist_dt_hours", "pp_features",
                  "candidates")
+CONTEXT_COLUMNS = ("hist_host", "hist_hour", "cand_host", "cand_hour")
 OUTPUT_COLUMNS = ("viewer_id", "product_id", "score", "purchase_prob", "intent_score")
 PREDICT_BATCH = 256
 
@@ -52,6 +57,7 @@ class Encoder:
     def __init__(self, vocab: Mapping[str, Any], seq_len: int, n_pp_features: int, n_dwell_buckets: int):
         self.product = {str(k): int(v) for k, v in (vocab.get("product") or {}).items()}
         self.event = {str(k): int(v) for k, v in (vocab.get("event") or {}).items()}
+        self.host = {str(k): int(v) for k, v in (vocab.get("host") or {}).items()}
         self.product_category = np.asarray(vocab.get("product_category") or [PAD_ID], dtype=np.int64)
         self.seq_len = seq_len
         self.n_pp = n_pp_features
@@ -59,6 +65,37 @@ class Encoder:
 
     def product_ids(self, tokens: Sequence[Any]) -> np.ndarray:
         return np.array([self.product.get(str(t), UNK_ID) for t in tokens], dtype=np.int64)
+
+    def host_ids(self, tokens: Sequence[Any]) -> np.ndarray:
+        """Host ids; a missing value is padding (no context), a host the model never saw is unknown."""
+        return np.array([PAD_ID if t is None else self.host.get(str(t), UNK_ID) for t in tokens], dtype=np.int64)
+
+    @staticmethod
+    def hour_ids(hours: Sequence[Any]) -> np.ndarray:
+        """UTC hours 0..23 as hour tokens (2 + hour, features.hour_token); missing -> padding."""
+        out = []
+        for h in hours:
+            ok = h is not None and not (isinstance(h, float) and np.isnan(h))
+            out.append(FIRST_REAL_ID + int(h) % 24 if ok else PAD_ID)
+        return np.array(out, dtype=np.int64)
+
+    def context(self, rows: pd.DataFrame, host_col: str, hour_col: str, counts: Sequence[int],
+                width: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+        """[B, width] host and hour ids of a list column pair, aligned to the last (left) or first n items."""
+        host = np.zeros((len(rows), width), np.int64)
+        hour = np.zeros((len(rows), width), np.int64)
+        have_h, have_t = host_col in rows.columns, hour_col in rows.columns
+        for i, n in enumerate(counts):
+            if not n:
+                continue
+            sl = slice(width - n, width) if left else slice(0, n)
+            if have_h:
+                host[i, sl] = self.host_ids(self._tail(_as_list(rows[host_col].iloc[i]), n, None, object) if left
+                                            else self._head(_as_list(rows[host_col].iloc[i]), n))
+            if have_t:
+                hour[i, sl] = self.hour_ids(self._tail(_as_list(rows[hour_col].iloc[i]), n, np.nan) if left
+                                            else self._head(_as_list(rows[hour_col].iloc[i]), n))
+        return host, hour
 
     def encode(self, rows: pd.DataFrame) -> dict[str, np.ndarray]:
         b, length = len(rows), self.seq_len
@@ -89,14 +126,20 @@ class Encoder:
                 out["hist_dt"][i, s:] = np.nan_to_num(self._tail(_as_list(row.hist_dt_hours), n, 0.0), nan=0.0)
             pp = np.asarray(_as_list(row.pp_features)[: self.n_pp], dtype=np.float32)
             out["pp_features"][i, : pp.size] = np.nan_to_num(pp)
+        out["hist_host"], out["hist_hour"] = self.context(rows, "hist_host", "hist_hour", out["hist_len"], length, left=True)
         return out
 
     @staticmethod
-    def _tail(values: list, n: int, fill: Any) -> np.ndarray:
+    def _tail(values: list, n: int, fill: Any, dtype: Any = np.float64) -> np.ndarray:
         """Last n values, left-filled with ``fill`` when a side list is shorter than the products."""
         values = values[-n:] if n else []
-        arr = np.array([fill] * (n - len(values)) + [fill if v is None else v for v in values], dtype=np.float64)
+        arr = np.array([fill] * (n - len(values)) + [fill if v is None else v for v in values], dtype=dtype)
         return arr
+
+    @staticmethod
+    def _head(values: list, n: int) -> list:
+        """First n values, right-filled with None when a side list is shorter than the candidates."""
+        return list(values[:n]) + [None] * (n - len(values[:n]))
 
 
 class StreamRankPyfunc(mlflow.pyfunc.PythonModel):
@@ -137,14 +180,19 @@ class StreamRankPyfunc(mlflow.pyfunc.PythonModel):
         for i, toks in enumerate(cand_tokens):
             cand[i, : len(toks)] = self.encoder.product_ids(toks)
         cand_t = torch.as_tensor(cand)
-        # Factorised ranking: one state per viewer, one vector per distinct candidate, a matmul.
+        counts = np.array([len(t) for t in cand_tokens])
+        c_host, c_hour = (torch.as_tensor(a) for a in self.encoder.context(rows, "cand_host", "cand_hour", counts, width,
+                                                                            left=False))
         hidden = self.model.encode(batch)[0]
         state = hidden[:, -1]
-        uniq, inverse = torch.unique(cand_t, return_inverse=True)
-        scores = torch.gather(self.model.rank_scores(state, self.model.candidate_matrix(uniq)), 1, inverse)
-        probs, intent = self.model.intent(batch, cand_t, hidden=hidden)
+        if self.model.has_context:
+            scores = torch.einsum("bd,bnd->bn", state, self.model.cand_vec(cand_t, c_host, c_hour))
+        else:
+            # Factorised ranking: one state per viewer, one vector per distinct candidate, a matmul.
+            uniq, inverse = torch.unique(cand_t, return_inverse=True)
+            scores = torch.gather(self.model.rank_scores(state, self.model.candidate_matrix(uniq)), 1, inverse)
+        probs, intent = self.model.intent(batch, cand_t, hidden=hidden, cand_host=c_host, cand_hour=c_hour)
         intent_np = apply_calibration(intent.numpy(), self.calibrator)
-        counts = np.array([len(t) for t in cand_tokens])
         mask = np.arange(width)[None, :] < counts[:, None]
         return pd.DataFrame({
             "viewer_id": np.repeat(rows["viewer_id"].astype(str).to_numpy(), counts),
@@ -160,8 +208,10 @@ def build_input_example(vocab: Mapping[str, Any], n_viewers: int = 2, history: i
     """A small, valid model input built from real vocabulary tokens (deterministic)."""
     products = [t for t, i in sorted((vocab.get("product") or {}).items(), key=lambda kv: kv[1]) if i >= 2]
     events = [t for t, i in sorted((vocab.get("event") or {}).items(), key=lambda kv: kv[1]) if i >= 2]
+    hosts = [t for t, i in sorted((vocab.get("host") or {}).items(), key=lambda kv: kv[1]) if i >= 2]
     products = products or ["unknown_product"]
     events = events or ["view_product"]
+    hosts = hosts or ["unknown_host"]
     rows = []
     for v in range(n_viewers):
         h = history if v % 2 == 0 else 0  # every other viewer is a cold start
@@ -173,8 +223,12 @@ def build_input_example(vocab: Mapping[str, Any], n_viewers: int = 2, history: i
             "hist_dt_hours": [float(h - j) * 2.5 for j in range(h)],
             "pp_features": [0.1 * (k + 1) for k in range(n_pp_features)],
             "candidates": [products[(v * 7 + j) % len(products)] for j in range(n_candidates)],
+            "hist_host": [hosts[(v + j) % len(hosts)] for j in range(h)],
+            "hist_hour": [(v * 5 + j) % 24 for j in range(h)],
+            "cand_host": [hosts[(v * 3 + j) % len(hosts)] for j in range(n_candidates)],
+            "cand_hour": [(v * 7 + j) % 24 for j in range(n_candidates)],
         })
-    return pd.DataFrame(rows, columns=list(INPUT_COLUMNS))
+    return pd.DataFrame(rows, columns=[*INPUT_COLUMNS, *CONTEXT_COLUMNS])
 
 
 def _artifacts(artifact_dir: str, vocab_path: str, calibrator_path: str | None) -> dict[str, str]:
@@ -193,13 +247,17 @@ def _artifacts(artifact_dir: str, vocab_path: str, calibrator_path: str | None) 
 
 def model_signature(input_example: pd.DataFrame, artifacts: Mapping[str, str]):
     """Signature inferred from the example and the model's own output on it."""
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
     from mlflow.pyfunc import PythonModelContext
+    from mlflow.types import ColSpec, Schema
 
     model = StreamRankPyfunc()
     ctx = PythonModelContext(artifacts=dict(artifacts), model_config=None)
     model.load_context(ctx)
-    return infer_signature(input_example, model.predict(ctx, input_example))
+    sig = infer_signature(input_example, model.predict(ctx, input_example))
+    # The stream-context columns are optional: without them the model scores with no context.
+    inputs = Schema([ColSpec(c.type, c.name, required=c.name not in CONTEXT_COLUMNS) for c in sig.inputs.inputs])
+    return ModelSignature(inputs=inputs, outputs=sig.outputs)
 
 
 def pip_requirements() -> list[str]:

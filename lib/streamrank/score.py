@@ -82,7 +82,7 @@ from pyspark.sql import types as T
 from streamrank.config import parse_date
 from streamrank.context import Context, PhaseTimer, stage_run
 from streamrank.errors import ConfigError, MissingInputError, NoChampionError
-from streamrank.features import price_thresholds
+from streamrank.features import first_slots, hour_token, price_thresholds
 from streamrank.model import (
     PAD_ID,
     UNK_ID,
@@ -131,7 +131,7 @@ _SCORED_ARROW = pa.schema([
 #: Viewer feature columns the worker reads; the 8 pp_features are derived from them in
 #: the order features.with_purchase_power uses for training.
 VIEWER_COLUMNS = (
-    "viewer_id", "hist_product", "hist_category", "hist_event", "hist_dwell", "hist_dt", "hist_len",
+    "viewer_id", "hist_product", "hist_category", "hist_event", "hist_dwell", "hist_dt", "hist_len", "hist_host", "hist_hour",
     "recency_days", "frequency_7d", "frequency_30d", "monetary_7d", "monetary_30d", "avg_price_paid",
     "price_tier", "n_events",
 )
@@ -156,21 +156,13 @@ def active_viewers(features: DataFrame, day: dt.date, active_days: int) -> DataF
 def schedule_slots(stream_products: DataFrame, streams: DataFrame, tomorrow: dt.date) -> DataFrame:
     """One row per product on the streams of `tomorrow`: its earliest slot and slot count.
 
-    product_id, stream_id, slot_start (slot_start_ts, else the stream's start_ts), n_slots.
-    The earliest slot wins (nulls last, ties by stream_id), so the recommendation points at
-    the first time the product is live; n_slots feeds the cold-start popularity fallback.
+    product_id, stream_id, host_id, slot_start (slot_start_ts, else the stream's start_ts),
+    n_slots - features.first_slots of that day, the very slot the model's candidate context
+    was trained with. The recommendation points at the first time the product is live;
+    n_slots feeds the cold-start popularity fallback.
     """
-    starts = streams.filter(F.col("snapshot_date") == F.lit(tomorrow)).groupBy("stream_id").agg(
-        F.min("start_ts").alias("_stream_start"))
-    slots = (
-        stream_products.filter((F.col("snapshot_date") == F.lit(tomorrow)) & F.col("product_id").isNotNull())
-        .join(starts, "stream_id", "left")
-        .withColumn("slot_start", F.coalesce("slot_start_ts", "_stream_start"))
-    )
-    first = F.min(F.struct(F.col("slot_start").isNull().alias("_n"), F.col("slot_start"), F.col("stream_id")))
-    return slots.groupBy("product_id").agg(first.alias("_f"), F.count(F.lit(1)).alias("n_slots")).select(
-        "product_id", F.col("_f.stream_id").alias("stream_id"), F.col("_f.slot_start").alias("slot_start"),
-        F.col("n_slots").cast("long").alias("n_slots"))
+    day = F.col("snapshot_date") == F.lit(tomorrow)
+    return first_slots(stream_products.filter(day), streams.filter(day)).drop("snapshot_date")
 
 
 def latest_catalog(products: DataFrame, as_of: dt.date) -> DataFrame:
@@ -204,7 +196,8 @@ def candidate_frame(slots: DataFrame, catalog: DataFrame, pop: DataFrame | None)
         out = out.join(pop, "product_id", "left")
     else:
         out = out.withColumn("popularity", F.lit(0))
-    return out.select("product_id", "stream_id", "slot_start", "n_slots", "category", "list_price",
+    return out.select("product_id", "stream_id", "host_id", "slot_start",
+                      hour_token(F.unix_micros("slot_start")).alias("slot_hour"), "n_slots", "category", "list_price",
                       F.coalesce(F.col("popularity"), F.lit(0)).cast("long").alias("popularity"))
 
 
@@ -274,6 +267,15 @@ class CandidateSet:
     new_tiers: np.ndarray  # price tiers of the new products (0 when the model has none)
     popularity: np.ndarray
     n_slots: np.ndarray
+    host_id: list[str | None] = dataclasses.field(default_factory=list)  # host of the first slot
+    slot_hour: np.ndarray | None = None  # hour token of the first slot (features.hour_token)
+
+    def context(self, host_vocab: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Model host ids and hour tokens of the candidates' first slots (unknown host 1, none 0)."""
+        hosts = [None] * self.size if len(self.host_id) != self.size else self.host_id
+        host = np.array([PAD_ID if h is None else int(host_vocab.get(str(h), UNK_ID)) for h in hosts], dtype=np.int64)
+        hour = np.zeros(self.size, np.int64) if self.slot_hour is None else np.asarray(self.slot_hour, dtype=np.int64)
+        return host, hour
 
     @property
     def size(self) -> int:
@@ -316,6 +318,8 @@ def build_candidates(rows: Sequence[Mapping[str, Any]], product_vocab: Mapping[s
         new_tiers=np.asarray(new_tiers, dtype=np.int64),
         popularity=np.asarray([int(r.get("popularity") or 0) for r in rows], dtype=np.int64),
         n_slots=np.asarray([int(r.get("n_slots") or 0) for r in rows], dtype=np.int64),
+        host_id=[r.get("host_id") for r in rows],
+        slot_hour=np.asarray([int(r.get("slot_hour") or PAD_ID) for r in rows], dtype=np.int64),
     )
 
 
@@ -399,6 +403,8 @@ class Scorer:
         self.calibrator = payload.get("calibrator")
         self.cand_matrix = torch.as_tensor(payload["cand_matrix"])  # [N, D]
         self.cand_ids = torch.as_tensor(payload["cand_model_ids"])  # [N]
+        self.cand_host = torch.as_tensor(payload["cand_host"])  # [N] slot context of each candidate
+        self.cand_hour = torch.as_tensor(payload["cand_hour"])
         cold = np.asarray(payload["cold_order"], dtype=np.int64)[: self.k]
         self.cold_idx = torch.as_tensor(cold)
         self.cold_scores = torch.as_tensor(np.asarray(payload["cold_scores"], dtype=np.float64)[cold])
@@ -430,6 +436,8 @@ class Scorer:
             "hist_event": self._remap("event", inputs["hist_event"][:, cut:]) * valid,
             "hist_dwell": torch.as_tensor(inputs["hist_dwell"][:, cut:], dtype=torch.long) * valid,
             "hist_dt": torch.as_tensor(inputs["hist_dt"][:, cut:], dtype=torch.float32) * valid,
+            "hist_host": self._remap("host", inputs["hist_host"][:, cut:]) * valid,
+            "hist_hour": torch.as_tensor(inputs["hist_hour"][:, cut:], dtype=torch.long) * valid,
             "hist_len": hist_len,
             "pp_features": torch.as_tensor(inputs["pp_features"], dtype=torch.float32),
         }
@@ -449,13 +457,13 @@ class Scorer:
             k = idx.shape[1]
             idx[cold] = self.cold_idx[:k].expand(int(cold.sum()), k)
             vals[cold] = self.cold_scores[:k].expand(int(cold.sum()), k)
-        cand = self.cand_ids[idx] if idx.numel() else torch.zeros((b, 0), dtype=torch.long)
-        intent_from_encoded = getattr(self.model, "_intent_from_encoded", None)
-        if intent_from_encoded is not None:  # reuse h: the encoder is the costliest step
-            cand_logit, viewer_logit = intent_from_encoded(h, batch, cand)
-            cand_p, viewer_p = torch.sigmoid(cand_logit.float()), torch.sigmoid(viewer_logit.float())
-        else:
-            cand_p, viewer_p = self.model.intent(batch, cand)
+        none = torch.zeros((b, 0), dtype=torch.long)
+        cand = self.cand_ids[idx] if idx.numel() else none
+        c_host = self.cand_host[idx] if idx.numel() else none
+        c_hour = self.cand_hour[idx] if idx.numel() else none
+        # reuse h: the encoder is the costliest step
+        cand_logit, viewer_logit = self.model._intent_from_encoded(h, batch, cand, c_host, c_hour)
+        cand_p, viewer_p = torch.sigmoid(cand_logit.float()), torch.sigmoid(viewer_logit.float())
         probs = apply_calibration(cand_p.numpy(), self.calibrator) if cand_p.numel() else cand_p.double().numpy()
         return {
             "top_idx": idx.numpy().astype(np.int32),
@@ -534,6 +542,8 @@ def arrow_inputs(rb: pa.RecordBatch, seq_len: int, n_pp: int) -> dict[str, np.nd
         "hist_event": _list_matrix(col["hist_event"], seq_len, np.int64),
         "hist_dwell": _list_matrix(col["hist_dwell"], seq_len, np.int64),
         "hist_dt": np.nan_to_num(_list_matrix(col["hist_dt"], seq_len, np.float32)),
+        "hist_host": _list_matrix(col["hist_host"], seq_len, np.int64),
+        "hist_hour": _list_matrix(col["hist_hour"], seq_len, np.int64),
         "hist_len": np.minimum(hist_len, seq_len),
         "pp_features": pp_features({k: _numbers(col[k]) for k in (
             "recency_days", "frequency_7d", "frequency_30d", "monetary_7d", "monetary_30d", "avg_price_paid",
@@ -643,7 +653,7 @@ def load_champion(ref: Any) -> Champion:
 
 
 def _vocab_of(rows: Sequence[Any]) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {"product": {}, "category": {}, "event": {}}
+    out: dict[str, dict[str, int]] = {"product": {}, "category": {}, "event": {}, "host": {}}
     for r in rows:
         out.setdefault(r["kind"], {})[r["token"]] = int(r["idx"])
     return out
@@ -671,11 +681,14 @@ def build_payload(champion: Champion, cands: CandidateSet, feature_vocab: Mappin
         "cold_order": cands.cold_order(),
         "cold_scores": cands.popularity.astype(np.float64),
         "remap": {kind: id_remap(feature_vocab.get(kind, {}), champion.vocab.get(kind) or {})
-                  for kind in ("product", "category", "event")},
+                  for kind in ("product", "category", "event", "host")},
     }
+    payload["cand_host"], payload["cand_hour"] = cands.context(champion.vocab.get("host") or {})
     model = build_model(payload)
     with torch.inference_mode():
-        payload["cand_matrix"] = model.candidate_matrix(torch.as_tensor(cands.model_ids)).float().numpy().copy()
+        payload["cand_matrix"] = model.candidate_matrix(
+            torch.as_tensor(cands.model_ids), torch.as_tensor(payload["cand_host"]),
+            torch.as_tensor(payload["cand_hour"])).float().numpy().copy()
     return payload, model
 
 

@@ -63,8 +63,8 @@ from streamrank.model import (
 log = logging.getLogger(__name__)
 
 FEATURE_COLUMNS = (
-    "hist_product", "hist_category", "hist_event", "hist_dwell", "hist_dt", "hist_len",
-    "pp_features", "target_product", "target_products", "cand_products", "label_purchase",
+    "hist_product", "hist_category", "hist_event", "hist_dwell", "hist_dt", "hist_len", "hist_host", "hist_hour",
+    "pp_features", "target_product", "target_products", "cand_products", "cand_host", "cand_hour", "label_purchase",
 )
 
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -163,7 +163,10 @@ def vocab_sizes(vocab: Mapping[str, Any]) -> dict[str, int]:
     n_products = size("product")
     if vocab.get("product_category") is not None:
         n_products = max(n_products, len(vocab["product_category"]))
-    return {"n_products": n_products, "n_categories": size("category"), "n_event_types": size("event")}
+    # No host vocabulary (the leave-one-out benchmark's logs have no streams): no stream context.
+    n_hosts = size("host") if vocab.get("host") else 0
+    return {"n_products": n_products, "n_categories": size("category"), "n_event_types": size("event"),
+            "n_hosts": n_hosts}
 
 
 def _lookup_array(values: Any, n: int, fill: int) -> np.ndarray | None:
@@ -571,8 +574,10 @@ def target_ranks(model: StreamRankModel, batch: Mapping[str, torch.Tensor], stat
     tgt = batch["target_product"]
     t_score = (state * model.item_vec(tgt)).sum(-1, keepdim=True).float()
     if protocol == "candidates":
+        # Candidates are scored with their slot context, the target as the candidate it is.
+        t_score = model.target_scores(state, batch).unsqueeze(1).float()
         comp = batch["cand_products"]
-        scores = torch.einsum("bd,bnd->bn", state, model.item_vec(comp)).float()
+        scores = model.candidate_scores(state, batch).float()
         real = (comp >= FIRST_REAL_ID) & (comp != tgt.unsqueeze(1))
     elif protocol == "sampled":
         comp = negatives  # [B, K]

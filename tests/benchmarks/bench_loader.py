@@ -33,7 +33,7 @@ from streamrank.config import Config
 from streamrank.train_worker import measure_loader_vs_step, measure_petastorm_vs_pyarrow
 
 L, C, T, P = 50, 32, 10, 8
-VOCAB = {"n_products": 5402, "n_categories": 18, "n_event_types": 12}  # about scale 1's catalogue
+VOCAB = {"n_products": 5402, "n_categories": 18, "n_event_types": 12, "n_hosts": 52}  # about scale 1's catalogue
 AS_OF = dt.date(2026, 11, 7)
 
 
@@ -71,6 +71,10 @@ def synthetic_examples(rows: int, seed: int = 0) -> pa.Table:
         "target_product": tgts[:, 0].astype(np.int32),
         "target_products": _list(tgts.astype(np.int32)),
         "cand_products": _list(cands.astype(np.int32)),
+        "hist_host": _list(np.where(valid, rng.integers(2, VOCAB["n_hosts"], (rows, L)), 0).astype(np.int32)),
+        "hist_hour": _list(np.where(valid, rng.integers(2, 26, (rows, L)), 0).astype(np.int32)),
+        "cand_host": _list(np.where(cands > 0, rng.integers(2, VOCAB["n_hosts"], (rows, C)), 0).astype(np.int32)),
+        "cand_hour": _list(np.where(cands > 0, rng.integers(2, 26, (rows, C)), 0).astype(np.int32)),
         "label_purchase": (n_tgt > 0).astype(np.int32),
         "split": np.where(rng.random(rows) < 0.8, "train", "valid"),
     })

@@ -59,6 +59,7 @@ from streamrank.score import (
 D = dt.date(2026, 11, 8)
 N_PRODUCTS = 5_000
 N_CATEGORIES = 50
+N_HOSTS = 200
 N_CANDIDATES = 2_000
 NEW_SHARE = 0.02
 COLD_SHARE = 0.10
@@ -102,6 +103,9 @@ def write_viewers(path: Path, n: int, seq_len: int, seed: int) -> Path:
                 "hist_product": lists(prod, pa.int32()), "hist_category": lists(cat, pa.int32()),
                 "hist_event": lists(event, pa.int32()), "hist_dwell": lists(dwell, pa.int32()),
                 "hist_dt": lists(dt_h, pa.float32()), "hist_len": pa.array(hist_len),
+                "hist_host": lists(np.where(valid, rng.integers(2, N_HOSTS + 2, (m, seq_len)), 0).astype(np.int32),
+                                   pa.int32()),
+                "hist_hour": lists(np.where(valid, rng.integers(2, 26, (m, seq_len)), 0).astype(np.int32), pa.int32()),
                 "as_of_date": pa.array([D] * m, pa.date32()),
             }
             writer.write_table(pa.table(cols).select(schema.names).cast(schema), row_group_size=ROW_GROUP)
@@ -112,7 +116,7 @@ def champion_and_candidates(cfg: Config) -> tuple[Champion, Any, dict[str, dict[
     """An untrained model of the configured size, its vocabulary, and tomorrow's candidates."""
     torch.manual_seed(0)
     mc = ModelConfig(n_products=N_PRODUCTS + 2, n_categories=N_CATEGORIES + 2, n_event_types=len(EVENT_TYPES) + 2,
-                     d_model=int(cfg["model.d_model"]), n_heads=int(cfg["model.n_heads"]),
+                     n_hosts=N_HOSTS + 2, d_model=int(cfg["model.d_model"]), n_heads=int(cfg["model.n_heads"]),
                      n_layers=int(cfg["model.n_layers"]), seq_len=int(cfg["features.seq_len"]))
     product_category = np.concatenate([[0, 1], 2 + np.arange(N_PRODUCTS) % N_CATEGORIES])
     model = StreamRankModel(mc, product_category=product_category)
@@ -122,6 +126,7 @@ def champion_and_candidates(cfg: Config) -> tuple[Champion, Any, dict[str, dict[
         "product": {"<pad>": 0, "<unk>": 1, **{f"p{i:05d}": i + 2 for i in range(N_PRODUCTS)}},
         "category": {"<pad>": 0, "<unk>": 1, **{f"c{i:02d}": i + 2 for i in range(N_CATEGORIES)}},
         "event": {"<pad>": 0, "<unk>": 1, **{t: i + 2 for i, t in enumerate(EVENT_TYPES)}},
+        "host": {"<pad>": 0, "<unk>": 1, **{f"h{i:04d}": i + 2 for i in range(N_HOSTS)}},
     }
     champion = Champion("bench", "0", "bench", buf.getvalue(), mc.to_dict(), vocab,
                         {"method": "platt", "a": 1.0, "b": 0.0})
@@ -129,10 +134,12 @@ def champion_and_candidates(cfg: Config) -> tuple[Champion, Any, dict[str, dict[
     n_new = int(N_CANDIDATES * NEW_SHARE)
     known = rng.choice(N_PRODUCTS, N_CANDIDATES - n_new, replace=False)
     slot = dt.datetime.combine(D + dt.timedelta(days=1), dt.time(12), tzinfo=dt.UTC)
-    rows = [{"product_id": f"p{i:05d}", "stream_id": f"s{i % 200}", "slot_start": slot, "n_slots": 1,
+    rows = [{"product_id": f"p{i:05d}", "stream_id": f"s{i % 200}", "host_id": f"h{i % N_HOSTS:04d}",
+             "slot_start": slot, "slot_hour": 2 + slot.hour, "n_slots": 1,
              "category": f"c{i % N_CATEGORIES:02d}", "list_price": 10.0, "popularity": int(rng.integers(0, 50))}
             for i in known]
-    rows += [{"product_id": f"new{j:04d}", "stream_id": f"s{j % 200}", "slot_start": slot, "n_slots": 1,
+    rows += [{"product_id": f"new{j:04d}", "stream_id": f"s{j % 200}", "host_id": f"h{j % N_HOSTS:04d}",
+              "slot_start": slot, "slot_hour": 2 + slot.hour, "n_slots": 1,
               "category": f"c{j % N_CATEGORIES:02d}", "list_price": 10.0, "popularity": 0} for j in range(n_new)]
     cands = build_candidates(rows, vocab["product"], vocab["category"], mc.n_products, False, [])
     return champion, cands, vocab

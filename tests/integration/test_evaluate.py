@@ -57,8 +57,14 @@ def products_of(day: dt.date) -> list[str]:
     return sorted(BASE + ([NEW] if day >= D else []))
 
 
+def host(token: str) -> str:
+    """The host whose streams show a product (the stream context of candidates and history)."""
+    return f"h{int(token[1:]) % 3}"
+
+
 def vocab_of(day: dt.date) -> dict[str, dict[str, int]]:
-    out = {kind: {"<pad>": 0, "<unk>": 1} for kind in ("product", "category", "event")}
+    out = {kind: {"<pad>": 0, "<unk>": 1} for kind in ("product", "category", "event", "host")}
+    out["host"].update({"h0": 2, "h1": 3, "h2": 4})
     out["product"].update({t: i + 2 for i, t in enumerate(products_of(day))})
     out["category"].update({t: i + 2 for i, t in enumerate(sorted({category(t) for t in products_of(day)}))})
     out["event"].update({t: i + 2 for i, t in enumerate(EVENTS)})
@@ -94,7 +100,7 @@ def token_rows(day: dt.date, seed: int, n_train: int = 300, n_valid: int = 120, 
 
 def encode(rows: list[dict], vocab: dict[str, dict[str, int]], day: dt.date) -> list[dict]:
     """gold/training_examples rows of `day` in the ids of `vocab`."""
-    p, c, e = vocab["product"], vocab["category"], vocab["event"]
+    p, c, e, h = vocab["product"], vocab["category"], vocab["event"], vocab["host"]
     out = []
     for r in rows:
         n = len(r["hist"])
@@ -108,6 +114,10 @@ def encode(rows: list[dict], vocab: dict[str, dict[str, int]], day: dt.date) -> 
             "hist_dwell": [0] * pad + r["dwell"], "hist_dt": [0.0] * pad + r["dt"], "hist_len": n,
             "pp_features": r["pp"], "target_product": tgt, "target_products": [tgt] + [0] * (T_ - 1),
             "cand_products": [p[t] for t in r["cands"]] + [0, 0], "label_purchase": r["label"],
+            "hist_host": [0] * pad + [h[host(t)] for t in r["hist"]],
+            "hist_hour": [0] * pad + [2 + (int(t[1:]) + j) % 24 for j, t in enumerate(r["hist"])],
+            "cand_host": [h[host(t)] for t in r["cands"]] + [0, 0],
+            "cand_hour": [2 + int(t[1:]) % 24 for t in r["cands"]] + [0, 0],
             "split": r["split"], "as_of_date": day,
         })
     return out

@@ -48,10 +48,10 @@ class World:
         self.rows: list[tuple] = []
 
     def ev(self, viewer: str, when: dt.datetime, etype: str, product: str | None = None, dwell: int = 0,
-           price: float | None = None, qty: int | None = None) -> None:
+           price: float | None = None, qty: int | None = None, host: str | None = "h1") -> None:
         n = len(self.rows)
         self.rows.append((
-            f"e{n:05d}", viewer, f"s-{viewer}", "st1", "h1", product, etype, when, dwell, price, qty, "1.0",
+            f"e{n:05d}", viewer, f"s-{viewer}", "st1", host, product, etype, when, dwell, price, qty, "1.0",
             etype == "comment", 5 if etype == "comment" else None, "f.jsonl", n, when.date(), "clean-1", when.date(),
         ))
 
@@ -76,10 +76,10 @@ def build_world() -> tuple[World, list[tuple], list[tuple]]:
     w.ev("va", ts(8, 10, 5), "purchase", "p4", price=500.0, qty=1)
     w.ev("va", ts(8, 11, 0), "add_to_cart", "p5", qty=1)
     w.ev("va", ts(8, 11, 30), "add_to_cart", "p4", qty=1)
-    w.ev("va", ts(8, 20, 0), "gift", "p4")
+    w.ev("va", ts(8, 20, 0), "gift", "p4", host="h2")
     # vb
     w.ev("vb", ts(2, 14, 0), "view_product", "p6", dwell=800)
-    w.ev("vb", ts(2, 14, 1), "comment", "p6")
+    w.ev("vb", ts(2, 14, 1), "comment", "p6", host=None)
     w.ev("vb", ts(6), "add_to_cart", "p6", qty=1)  # exactly at the 11-06 cutoff: its target, not its history
     w.ev("vb", ts(7, 15, 0), "view_product", "p6", dwell=250)
     # vc
@@ -102,22 +102,30 @@ def build_world() -> tuple[World, list[tuple], list[tuple]]:
     catalog = [product(p, c, x, D, i) for i, (p, c, x) in enumerate(key + fillers)]
     catalog += [product(p, c, x, D - dt.timedelta(days=1), i) for i, (p, c, x) in enumerate(key + [("p7", "toys", 1.0)])]
 
-    def slot(day: dt.date, pids: list[str]) -> list[tuple]:
-        start = dt.datetime.combine(day, dt.time(18), tzinfo=UTC)
-        return [("st1", p, start, start + dt.timedelta(minutes=5), 9.9, "sp.csv", i, "ing-1", day) for i, p in enumerate(pids)]
+    def slot(day: dt.date, pids: list[str], stream: str = "st1", hour: int = 18) -> list[tuple]:
+        start = dt.datetime.combine(day, dt.time(hour), tzinfo=UTC)
+        return [(stream, p, start, start + dt.timedelta(minutes=5), 9.9, "sp.csv", i, "ing-1", day) for i, p in enumerate(pids)]
 
-    schedule = slot(dt.date(2026, 11, 6), ["p5", "p6"])
+    def stream(day: dt.date, sid: str, host: str, hour: int) -> tuple:
+        start = dt.datetime.combine(day, dt.time(hour), tzinfo=UTC)
+        return (sid, host, start, start + dt.timedelta(hours=2), "streams.csv", 0, "ing-1", day)
+
+    schedule = slot(dt.date(2026, 11, 6), ["p5", "p6"])  # no bronze/streams rows that day: host unknown
     schedule += slot(dt.date(2026, 11, 7), ["p3", "p1"] + [f"q{i:02d}" for i in range(40)])
-    schedule += slot(dt.date(2026, 11, 8), ["p4", "p6", "p1"])
-    return w, catalog, schedule, key + fillers
+    # p4 is shown twice on 11-08: its earliest slot (07:00 on st2, host h2) is its context
+    schedule += slot(dt.date(2026, 11, 8), ["p4", "p6", "p1"]) + slot(dt.date(2026, 11, 8), ["p4"], "st2", 7)
+    streams = [stream(dt.date(2026, 11, 7), "st1", "h1", 17), stream(dt.date(2026, 11, 8), "st1", "h1", 17),
+               stream(dt.date(2026, 11, 8), "st2", "h9", 6)]  # h9 never seen in silver: unknown
+    return w, catalog, schedule, streams, key + fillers
 
 
 def load(spark, conf) -> list[float]:
-    world, catalog, schedule, prices = build_world()
+    world, catalog, schedule, streams, prices = build_world()
     wh = Warehouse(spark, conf)
     wh.table("silver/viewer_events").append(spark.createDataFrame(world.rows, table_spec("silver/viewer_events").schema))
     wh.table("bronze/products").append(spark.createDataFrame(catalog, table_spec("bronze/products").schema))
     wh.table("bronze/stream_products").append(spark.createDataFrame(schedule, table_spec("bronze/stream_products").schema))
+    wh.table("bronze/streams").append(spark.createDataFrame(streams, table_spec("bronze/streams").schema))
     return [p for _, _, p in prices]
 
 
@@ -149,8 +157,9 @@ def world(spark, base_conf, tmp_path_factory):
 
 def test_vocabulary_sorted_with_reserved_ids(world):
     vocab = world["vocab"]
-    for kind in ("product", "category", "event"):
+    for kind in ("product", "category", "event", "host"):
         assert vocab[(kind, "<pad>")] == 0 and vocab[(kind, "<unk>")] == 1
+    assert {t: i for (k, t), i in vocab.items() if k == "host"} == {"<pad>": 0, "<unk>": 1, "h1": 2, "h2": 3}
     products = sorted(t for k, t in vocab if k == "product" and not t.startswith("<"))
     # catalog of D (not p7 of the older snapshot) + p9 seen in silver; not p8 (outside the window)
     assert products == sorted(["p1", "p2", "p3", "p4", "p5", "p6", "p9"] + [f"q{i:02d}" for i in range(40)])
@@ -278,6 +287,35 @@ def test_candidates_positives_first_then_schedule(world):
     assert te[("va", c(8))]["cand_products"][0] == p("p4")      # p4 scheduled, p5 not
     assert te[("va", c(7))]["cand_products"][:2] == (p("p3"), p("p1"))
     assert p("p2") not in te[("va", c(6))]["cand_products"]     # the positive p2 was not on the schedule
+
+
+def test_stream_context_of_history_and_candidates(world):
+    """Host and UTC hour of every history event; host and hour of each candidate's earliest slot."""
+    vf, te, vocab = world["vf"], world["te"], world["vocab"]
+    h = lambda t: vocab[("host", t)]  # noqa: E731
+    p = lambda t: vocab[("product", t)]  # noqa: E731
+    va = vf["va"]
+    assert va["hist_host"] == (0,) * 34 + (h("h1"),) * 15 + (h("h2"),)  # the gift on 11-08 was on h2's stream
+    hours = (9, 10, 10, 10, 10, 12, 12, 9, 9, 10, 8, 10, 10, 11, 11, 20)  # UTC hour of each of the 16 events
+    assert va["hist_hour"] == (0,) * 34 + tuple(2 + x for x in hours)
+    assert vf["vb"]["hist_host"][-4:] == (h("h1"), 1, h("h1"), h("h1"))  # an event without host: unknown
+    assert vf["vc"]["hist_host"] == (0,) * L and vf["vc"]["hist_hour"] == (0,) * L
+    c = lambda day: dt.datetime(2026, 11, day)  # noqa: E731
+    te = {(v, k.astimezone(UTC).replace(tzinfo=None) if k.tzinfo else k): r for (v, k), r in te.items()}
+    ctx8 = {(18, "st1"): (h("h1"), 20), (7, "st2"): (1, 9)}  # st2's host h9 is not in the vocabulary
+    want8 = {p("p4"): ctx8[(7, "st2")], p("p6"): ctx8[(18, "st1")], p("p1"): ctx8[(18, "st1")]}
+    for (viewer, cut), row in te.items():
+        got = list(zip(row["cand_products"], row["cand_host"], row["cand_hour"], strict=True))
+        for prod, host, hour in got:
+            if prod == 0:
+                assert (host, hour) == (0, 0), (viewer, cut)
+            elif cut.day == 8:
+                assert (host, hour) == want8[prod], (viewer, cut, prod)
+            elif cut.day == 7:
+                assert (host, hour) == (h("h1"), 20), (viewer, cut, prod)
+            else:  # 11-06: stream_products without a bronze/streams row
+                assert (host, hour) == (1, 20), (viewer, cut, prod)
+    assert te[("va", c(8))]["cand_host"][0] == 1 and te[("va", c(8))]["cand_hour"][0] == 9
 
 
 def held_out_viewers(spark, viewers: list[str], share: float = 0.5) -> set[str]:

@@ -130,6 +130,7 @@ def world_rows() -> tuple[list[dict], list[dict], list[dict]]:
             "hist_dt": [0.0] * (L - k) + [float(k - j) for j in range(k)], "hist_len": k,
             "pp_features": [float(x) for x in rng.random(8)], "target_product": target,
             "target_products": [target] + [0] * (T_ - 1), "cand_products": cands,
+            "hist_host": [0] * L, "hist_hour": [0] * L, "cand_host": [0] * C, "cand_hour": [0] * C,  # no stream context
             "label_purchase": int(rng.random() < 0.2 + 0.05 * k), "as_of_date": D,
             "split": "train" if i < 150 else ("valid" if i % 2 == 0 else "test"),  # valid / test halves, as features
         })

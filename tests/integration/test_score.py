@@ -8,6 +8,8 @@ D = 2026-11-08, the streams air on D+1 = 2026-11-09; score.top_k = 5, 6 candidat
 - Schedule of D+1: st1 (10:00) p1 10:00, p2 10:10, pN1 10:20; st2 (14:00) p1 14:00, p3 14:05,
   pN2 with no slot time (-> the stream's 14:00), p4 14:20; st3 (09:00) p4 09:00.
   Earliest slots: p1 -> st1 10:00, p4 -> st3 09:00. The schedule of D (p5, p6) must not be used.
+  Hosts: st1 h1, st2 h2, st3 h3; the champion's host vocabulary also has h0 (ids shifted
+  by one, like its products), so the candidates' slot context must be remapped too.
 - pN1 (category c1) and pN2 (c2) launch on D+1: only in the catalog snapshot of D+1, in no
   vocabulary -> scored from their category.
 - Silver, last 7 days: p3 carted/bought 3 times, p2 once, p4 only viewed, p1 carted 9 days
@@ -69,9 +71,11 @@ def vocab_index(tokens: list[str]) -> dict[str, int]:
     return {"<pad>": 0, "<unk>": 1, **{t: i + 2 for i, t in enumerate(sorted(tokens))}}
 
 
+HOSTS = {"st1": "h1", "st2": "h2", "st3": "h3"}
 FEATURE_VOCAB = {"product": vocab_index(FEATURE_PRODUCTS), "category": vocab_index(CATEGORIES),
-                 "event": {"<pad>": 0, "<unk>": 1, **{t: i + 2 for i, t in enumerate(EVENT_TYPES)}}}
-MODEL_VOCAB = {**FEATURE_VOCAB, "product": vocab_index(MODEL_PRODUCTS)}
+                 "event": {"<pad>": 0, "<unk>": 1, **{t: i + 2 for i, t in enumerate(EVENT_TYPES)}},
+                 "host": vocab_index(["h1", "h2", "h3"])}
+MODEL_VOCAB = {**FEATURE_VOCAB, "product": vocab_index(MODEL_PRODUCTS), "host": vocab_index(["h0", "h1", "h2", "h3"])}
 
 
 # ----------------------------------------------------------------------------- the world
@@ -89,8 +93,10 @@ def viewer_rows(day: dt.date) -> list[tuple]:
         he = pad + [int(e) for e in rng.integers(2, 2 + len(EVENT_TYPES), n)]
         hw = pad + [int(w) for w in rng.integers(1, 16, n)]
         hd = [0.0] * (L - n) + sorted((float(x) for x in rng.uniform(0.5, 200.0, n)), reverse=True)
+        hh = pad + [int(h) for h in rng.integers(1, 5, n)]  # 1 = a host unknown to the features
+        hr = pad + [int(h) for h in rng.integers(2, 26, n)]
         return (vid, 3.5, 2, 4, spend / 2, spend, 20.0, 3, 1000, 2000, 1, 0, 0, max(n, 2), last,
-                hp, hc, he, hw, hd, n, day)
+                hp, hc, he, hw, hd, n, hh, hr, day)
 
     for i, vid in enumerate(WARM):
         rows.append(row(vid, [1, 3, 5, 7, 10, 10][i], at(day, 20, i), 10.0 * (i + 1)))
@@ -122,7 +128,7 @@ def write_world(spark, conf, *, with_features_of: list[dt.date], schedule_days: 
 
     streams, slots = [], []
     for day in schedule_days:
-        streams += [(s, "h1", at(day, h), at(day, h + 2), "streams.csv", i, "ing", day)
+        streams += [(s, HOSTS[s], at(day, h), at(day, h + 2), "streams.csv", i, "ing", day)
                     for i, (s, h) in enumerate([("st1", 10), ("st2", 14), ("st3", 9)])]
         plan = [("st1", "p1", at(day, 10)), ("st1", "p2", at(day, 10, 10)), ("st1", "pN1", at(day, 10, 20)),
                 ("st2", "p1", at(day, 14)), ("st2", "p3", at(day, 14, 5)), ("st2", "pN2", None),
@@ -163,7 +169,8 @@ def register_champion(conf, workdir: Path) -> tuple[str, StreamRankModel]:
     product_category = [0, 1] + [MODEL_VOCAB["category"][CATS[p]] for p in sorted(MODEL_PRODUCTS)]
     (art / "vocab.json").write_text(json.dumps({**MODEL_VOCAB, "product_category": product_category}))
     mc = ModelConfig(n_products=len(MODEL_PRODUCTS) + 2, n_categories=len(CATEGORIES) + 2,
-                     n_event_types=len(EVENT_TYPES) + 2, d_model=16, n_heads=2, n_layers=1, seq_len=L)
+                     n_event_types=len(EVENT_TYPES) + 2, n_hosts=len(MODEL_VOCAB["host"]), d_model=16, n_heads=2,
+                     n_layers=1, seq_len=L)
     torch.manual_seed(3)
     model = StreamRankModel(mc, product_category=np.array(product_category))
     torch.save(model.state_dict(), art / "model.pt")
@@ -252,18 +259,23 @@ def test_cold_start_rows_are_the_popular_products(world):
 
 
 def _expected_warm(world) -> dict[str, dict]:
-    """Independent scoring: tokens -> model ids by hand, item vectors from the embeddings."""
+    """Independent scoring: tokens -> model ids by hand, item vectors from the embeddings, plus
+    the host and hour embeddings of each candidate's earliest slot."""
     model = world["model"]
     order = sorted(EXPECTED_SLOTS)  # candidates by product_id
     inv = {i: t for t, i in FEATURE_VOCAB["product"].items()}
+    inv_h = {i: t for t, i in FEATURE_VOCAB["host"].items()}
+    c_host = torch.tensor([MODEL_VOCAB["host"][HOSTS[EXPECTED_SLOTS[p][0]]] for p in order])
+    c_hour = torch.tensor([2 + EXPECTED_SLOTS[p][1].hour for p in order])
     with torch.no_grad():
         vecs = []
         for p in order:
             if p in MODEL_VOCAB["product"]:
-                vecs.append(model.candidate_matrix(torch.tensor([MODEL_VOCAB["product"][p]]))[0])
+                vecs.append(model.product_emb.weight[MODEL_VOCAB["product"][p]]
+                            + model.category_emb.weight[MODEL_VOCAB["category"][CATS[p]]])
             else:  # new product: unknown product + its category (no price tiers in this model)
                 vecs.append(model.product_emb.weight[1] + model.category_emb.weight[MODEL_VOCAB["category"][CATS[p]]])
-        cand = torch.stack(vecs)
+        cand = torch.stack(vecs) + model.host_emb(c_host) + model.hour_emb(c_hour)
     ext = extend_model(load_model_copy(world), np.array([MODEL_VOCAB["category"][CATS[p]] for p in ("pN1", "pN2")]),
                        np.zeros(2, dtype=np.int64))
     ext_ids = {p: MODEL_VOCAB["product"].get(p) for p in order}
@@ -279,12 +291,14 @@ def _expected_warm(world) -> dict[str, dict]:
         batch = {"hist_product": torch.tensor([hp]), "hist_category": torch.tensor([row[16]]),
                  "hist_event": torch.tensor([row[17]]), "hist_dwell": torch.tensor([row[18]]),
                  "hist_dt": torch.tensor([row[19]], dtype=torch.float32), "hist_len": torch.tensor([row[20]]),
-                 "pp_features": torch.tensor([pp], dtype=torch.float32)}
+                 "pp_features": torch.tensor([pp], dtype=torch.float32),
+                 "hist_host": torch.tensor([[MODEL_VOCAB["host"].get(inv_h.get(i), 1) if i else 0 for i in row[21]]]),
+                 "hist_hour": torch.tensor([row[22]])}
         with torch.no_grad():
             scores = (model.viewer_state(batch) @ cand.T)[0]
         top = sorted(range(len(order)), key=lambda i: (-float(scores[i]), i))[:K]
         ids = torch.tensor([[ext_ids[order[i]] for i in top]])
-        probs, _ = ext.intent(batch, ids)
+        probs, _ = ext.intent(batch, ids, cand_host=c_host[top].unsqueeze(0), cand_hour=c_hour[top].unsqueeze(0))
         calibrated = apply_calibration(probs.numpy(), CALIBRATOR)[0]
         out[vid] = {"top": [(order[i], float(scores[i]), float(calibrated[j])) for j, i in enumerate(top)],
                     "all": {p: float(scores[i]) for i, p in enumerate(order)}}

@@ -29,6 +29,7 @@ from streamrank.train_worker import (
 )
 
 N_PRODUCTS, N_CATEGORIES, N_EVENTS, L, P, T, C = 80, 8, 11, 50, 8, 10, 32
+N_HOSTS = 6
 
 
 def write_training_examples(root: Path, n_files: int = 4, rows: int = 160, seed: int = 0) -> list[str]:
@@ -76,6 +77,12 @@ def write_training_examples(root: Path, n_files: int = 4, rows: int = 160, seed:
             "target_product": pa.array(target),
             "target_products": pa.array(list(targets), pa.list_(pa.int32())),
             "cand_products": pa.array(list(cands), pa.list_(pa.int32())),
+            "hist_host": pa.array(list(np.where(valid, prod % (N_HOSTS - 2) + 2, 0).astype(np.int32)), pa.list_(pa.int32())),
+            "hist_hour": pa.array(list(np.where(valid, rng.integers(2, 26, (rows, L)), 0).astype(np.int32)),
+                                  pa.list_(pa.int32())),
+            "cand_host": pa.array(list(np.where(cands > 0, cands % (N_HOSTS - 2) + 2, 0).astype(np.int32)),
+                                  pa.list_(pa.int32())),
+            "cand_hour": pa.array(list(np.where(cands > 0, cands % 24 + 2, 0).astype(np.int32)), pa.list_(pa.int32())),
             "label_purchase": pa.array(label),
             "split": np.where(rng.random(rows) < 0.75, "train", "valid"),
         })
@@ -93,6 +100,7 @@ def write_vocab(path: Path) -> dict:
         "event": {"<pad>": 0, "<unk>": 1, **{e: i + 2 for i, e in enumerate(
             ["enter_stream", "leave_stream", "view_product", "like", "comment", "share", "gift",
              "click_product", "add_to_cart"])}},
+        "host": {"<pad>": 0, "<unk>": 1, **{f"h{h}": h for h in range(2, N_HOSTS)}},
         "product_category": product_category,
     }
     path.write_text(json.dumps(vocab))
@@ -355,7 +363,8 @@ def test_pyfunc_registers_and_loads_in_fresh_process(data, trained, tmp_path):
         model = mlflow.pyfunc.load_model("models:/streamrank-test/1")
         df = pd.read_json({str(example_path)!r}, orient="records")
         out = model.predict(df)
-        print(json.dumps(out.to_dict(orient="list")))
+        bare = model.predict(df.drop(columns=["hist_host", "hist_hour", "cand_host", "cand_hour"]))
+        print(json.dumps({{**out.to_dict(orient="list"), "bare_score": bare["score"].tolist()}}))
     """)
     env = {**os.environ, "PYTHONPATH": ""}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
@@ -368,3 +377,7 @@ def test_pyfunc_registers_and_loads_in_fresh_process(data, trained, tmp_path):
     assert ((probs >= 0) & (probs <= 1)).all()
     assert np.isfinite(out["score"]).all()
     assert len(set(out["intent_score"][:4])) == 1  # one viewer-level intent per viewer
+    # The stream-context columns are optional in the signature; without them scores change (the
+    # model uses the slot context) but stay finite, one per (viewer, candidate).
+    assert len(out["bare_score"]) == 3 * 4 and np.isfinite(out["bare_score"]).all()
+    assert not np.allclose(out["bare_score"], out["score"])

@@ -259,6 +259,92 @@ def test_learns_next_product_pattern_to_high_ndcg():
     assert ndcg > 0.9, f"NDCG@10 {ndcg:.3f} after {train_s:.1f}s"
 
 
+def with_context(batch: dict[str, torch.Tensor], n_hosts: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The batch plus random stream context (host, hour) on real history events and candidates."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(batch)
+    hist_real = batch["hist_product"] > 0
+    cand_real = batch["cand_products"] > 0
+    out["hist_host"] = torch.randint(1, n_hosts, batch["hist_product"].shape, generator=g) * hist_real
+    out["hist_hour"] = torch.randint(2, 26, batch["hist_product"].shape, generator=g) * hist_real
+    out["cand_host"] = torch.randint(1, n_hosts, batch["cand_products"].shape, generator=g) * cand_real
+    out["cand_hour"] = torch.randint(2, 26, batch["cand_products"].shape, generator=g) * cand_real
+    return out
+
+
+def test_stream_context_enters_scores_consistently():
+    """Candidate scores carry the slot context; the factorised path and the target's own score agree."""
+    cfg = small_cfg(n_hosts=9)
+    torch.manual_seed(5)
+    model = StreamRankModel(cfg, product_category=product_category()).eval()
+    batch = with_context(random_batch(cfg, b=5, n_cands=8), cfg.n_hosts)
+    batch["cand_products"][:, 2] = batch["target_product"]  # the target is a candidate at position 2
+    with torch.no_grad():
+        full = model(batch, compute_loss=False)
+        state = full["state"]
+        ids, host, hour = (batch[k].reshape(-1) for k in ("cand_products", "cand_host", "cand_hour"))
+        factorised = (model.rank_scores(state, model.candidate_matrix(ids, host, hour))
+                      .reshape(5, 5, 8).diagonal(dim1=0, dim2=1).T)
+        assert torch.allclose(factorised, full["rank_logits"], atol=1e-5)
+        assert torch.allclose(model.target_scores(state, batch), full["rank_logits"][:, 2], atol=1e-5)
+        probs, _ = model.intent(batch, batch["cand_products"], cand_host=batch["cand_host"], cand_hour=batch["cand_hour"])
+        assert torch.allclose(probs, torch.sigmoid(full["cand_logit"]), atol=1e-6)
+        other = dict(batch, cand_host=batch["cand_host"] % (cfg.n_hosts - 2) + 2)  # other hosts, same products
+        assert not torch.allclose(model(other, compute_loss=False)["rank_logits"], full["rank_logits"])
+        # A model without context (n_hosts 0: older models) ignores the context inputs entirely.
+        plain = StreamRankModel(small_cfg(), product_category=product_category()).eval()
+        bare = {k: v for k, v in batch.items() if k not in ("hist_host", "hist_hour", "cand_host", "cand_hour")}
+        assert torch.equal(plain(batch, compute_loss=False)["rank_logits"], plain(bare, compute_loss=False)["rank_logits"])
+
+
+def test_learns_which_host_a_viewer_buys_from():
+    """The bought candidate is the one shown by the viewer's host: only stream context can tell.
+
+    Products are random and every history event is on the viewer's host, so the product ids
+    carry no signal; with n_hosts > 0 the candidate softmax must learn host affinity.
+    """
+    n_products, n_hosts, length, n_cands = 50, 12, 6, 8
+    rng = np.random.default_rng(1)
+
+    def make(b: int) -> dict[str, torch.Tensor]:
+        fav = rng.integers(2, n_hosts, b)
+        prod = rng.integers(2, n_products, (b, length))
+        hosts = (fav[:, None] + rng.integers(1, n_hosts - 2, (b, n_cands)) - 2) % (n_hosts - 2) + 2  # never fav
+        hit = rng.integers(0, n_cands, b)
+        hosts[np.arange(b), hit] = fav
+        cands = rng.integers(2, n_products, (b, n_cands))
+        return batch_to_tensors({
+            "hist_product": prod, "hist_category": np.full((b, length), 2), "hist_event": np.full((b, length), 2),
+            "hist_dwell": np.ones((b, length)), "hist_dt": np.ones((b, length), np.float32),
+            "hist_len": np.full(b, length), "pp_features": np.zeros((b, 8), np.float32),
+            "target_product": cands[np.arange(b), hit], "target_products": cands[np.arange(b), hit][:, None],
+            "cand_products": cands, "label_purchase": np.ones(b), "hist_host": np.repeat(fav[:, None], length, 1),
+            "hist_hour": np.full((b, length), 10), "cand_host": hosts, "cand_hour": np.full((b, n_cands), 10),
+        })
+
+    def hit_rate(cfg: ModelConfig) -> float:
+        torch.manual_seed(0)
+        model = StreamRankModel(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(120):
+            loss = model(make(128))["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        test = make(400)
+        with torch.no_grad():
+            model.eval()
+            scores = model(test, compute_loss=False)["rank_logits"]
+        return (scores.argmax(1) == (test["cand_products"] == test["target_product"][:, None]).float().argmax(1)).float().mean().item()
+
+    base = dict(n_products=n_products, n_categories=4, n_event_types=4, seq_len=length, d_model=16, n_heads=2,
+                n_layers=1, dropout=0.0, num_negatives=20, intent_weight=0.1, cand_weight=0.1)
+    with_ctx = hit_rate(ModelConfig(**base, n_hosts=n_hosts))
+    without = hit_rate(ModelConfig(**base))
+    assert with_ctx > 0.9, with_ctx
+    assert without < 0.4, without  # chance is 1/8 (the products repeat little within 120 batches)
+
+
 def test_config_from_dict_ignores_unknown_keys_and_validates():
     cfg = ModelConfig.from_dict({"n_products": 10, "n_categories": 3, "n_event_types": 4, "d_model": 8,
                                  "n_heads": 2, "batch_size": 512, "vocab_path": "x.json"})
