@@ -44,6 +44,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"warehouse {ctx.cfg.warehouse} (engine {ctx.warehouse.engine}): created {len(created)} tables")
     for name in created:
         print(f"  {name}")
+    for name, cols in ctx.warehouse.upgrade_all().items():
+        print(f"  {name}: added columns {', '.join(cols)} (from its schema file)")
     return 0
 
 

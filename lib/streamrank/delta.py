@@ -207,6 +207,27 @@ class DeltaTable:
         if not self.exists():
             self.create()
 
+    def missing_columns(self) -> list[str]:
+        """Columns of the schema file that the table's log does not have yet."""
+        if not self.exists():
+            return []
+        logged = {f.name for f in deltalake.DeltaTable(self.uri).schema().fields}
+        return [f.name for f in self.spec.schema.fields if f.name not in logged]
+
+    def upgrade_schema(self) -> list[str]:
+        """Add the columns the schema file gained since the table was created; return them.
+
+        Why: the contract grows by adding columns (e.g. the stream context of the gold
+        tables), and a warehouse created before must take them without a rebuild. The
+        columns are nullable; files written before read them as null. Runs before every
+        write, so a new release upgrades each table the first time it writes to it.
+        """
+        missing = self.missing_columns()
+        if missing:
+            self._alter_add_columns([f for f in self.spec.schema.fields if f.name in missing])
+            log.warning("schema upgrade of %s: added columns %s from its schema file", self.spec.name, missing)
+        return missing
+
     # -- reads -----------------------------------------------------------------------
     def version(self) -> int | None:
         """Latest committed version, or None if the table does not exist yet."""
@@ -252,6 +273,9 @@ class DeltaTable:
         pieces = []
         for path, parts in self._files(self._snapshot(version)):
             piece = pq.read_table(path)
+            for field in schema:  # a column added after this file was written reads as null
+                if field.name not in piece.column_names and field.name not in self.spec.partition_by:
+                    piece = piece.append_column(field.name, pa.nulls(piece.num_rows, field.type))
             for col in self.spec.partition_by:
                 value = parts[col]
                 arr = pa.array([value] * piece.num_rows, pa.string())
@@ -403,6 +427,7 @@ class DeltaTable:
     def _write(self, df: DataFrame, mode: str, where: Where | None, evolve: bool,
                commit_info: Mapping[str, Any] | None, txn: tuple[str, int] | None) -> CommitResult:
         self._require()
+        self.upgrade_schema()
         extra = [c for c in df.columns if c not in self.spec.schema.fieldNames()]
         df = conform(df, self.spec, evolve=evolve)
         if evolve and extra:
@@ -428,14 +453,23 @@ class DeltaTable:
                                      check=(df, where) if where else None)
 
     def _add_columns(self, schema: T.StructType, extra: list[str]) -> None:
+        """Columns a write brings beyond the schema file (``evolve=True``): the spark engine adds
+        them through mergeSchema, the rs engine here."""
         new_fields = [f for f in schema.fields if f.name in extra]
         if self.engine == "rs":
-            deltalake.DeltaTable(self.uri).alter.add_columns(
-                [deltalake.Field.from_json(json.dumps(f.jsonValue())) for f in new_fields]
-            )
+            self._alter_add_columns(new_fields)
         log.warning("schema evolution on %s: added columns %s", self.spec.name, extra)
         self.spec = TableSpec(self.spec.name, T.StructType(self.spec.schema.fields + new_fields),
                               self.spec.partition_by, self.spec.description)
+
+    def _alter_add_columns(self, fields: list[T.StructField]) -> None:
+        """Add nullable columns to the table's log, with each engine's own operation."""
+        if self.engine == "spark":
+            cols = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in fields)
+            self.spark.sql(f"ALTER TABLE delta.`{self.uri}` ADD COLUMNS ({cols})")
+        else:
+            deltalake.DeltaTable(self.uri).alter.add_columns(
+                [deltalake.Field.from_json(json.dumps(f.jsonValue())) for f in fields])
 
     def _plan_replace(self, snapshot: deltalake.DeltaTable, where: Where | None
                       ) -> tuple[list[tuple[str, dict[str, str | None]]], list[tuple[str, dict[str, str | None]]]]:
@@ -720,6 +754,11 @@ class Warehouse:
         """Create every table of DESIGN section 4 that does not exist yet; return those created."""
         self.root.mkdir(parents=True, exist_ok=True)
         return [name for name in all_table_names() if self.table(name).create()]
+
+    def upgrade_all(self) -> dict[str, list[str]]:
+        """Add to every existing table the columns its schema file gained; {table: columns added}."""
+        added = {name: self.table(name).upgrade_schema() for name in all_table_names()}
+        return {name: cols for name, cols in added.items() if cols}
 
     def versions(self, names: Iterable[str]) -> dict[str, int | None]:
         return {name: self.table(name).version() for name in names}

@@ -168,10 +168,11 @@ def holdout_from_arrow(table: pa.Table) -> Holdout:
     scalar = lambda name: pc.fill_null(table.column(name), 0).to_numpy().astype(np.int64)  # noqa: E731
 
     def context(name: str, like: str) -> np.ndarray:
-        # Snapshots written before the stream-context columns existed: padding, i.e. no context.
-        if name in table.column_names:
-            return _fixed(table.column(name), np.int64)
-        return np.zeros(_fixed(table.column(like), np.int64).shape, np.int64)
+        # Rows written before the stream-context columns existed (absent or null): padding, i.e. no context.
+        like_shape = _fixed(table.column(like), np.int64).shape
+        if name in table.column_names and table.column(name).null_count < table.num_rows:
+            return _fixed(table.column(name), np.int64, like_shape[1])
+        return np.zeros(like_shape, np.int64)
 
     return Holdout(
         viewer_id=np.asarray(table.column("viewer_id").to_pylist(), dtype=object),

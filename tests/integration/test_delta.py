@@ -193,6 +193,28 @@ def test_schema_evolution_only_when_asked(spark, wh):
     assert df.count() == 6
 
 
+def test_columns_added_to_a_schema_file_upgrade_an_existing_table(spark, wh):
+    """A warehouse created before the contract gained a column takes it on the next write."""
+    from pyspark.sql.types import StructType
+
+    from streamrank.delta import DeltaTable
+    from streamrank.schemas import TableSpec
+
+    new = wh.table("ops/model_eval")
+    old_spec = TableSpec(new.spec.name, StructType([f for f in new.spec.schema.fields if f.name != "recorded_at"]),
+                         new.spec.partition_by, new.spec.description)
+    old = DeltaTable(spark, old_spec, wh.root, "rs")
+    old.append(eval_rows(spark, 3, run_id="old").drop("recorded_at"))
+    assert new.missing_columns() == ["recorded_at"]
+    assert wh.upgrade_all() == {"ops/model_eval": ["recorded_at"]} and wh.upgrade_all() == {}
+    new.append(eval_rows(spark, 2, run_id="new"))
+    assert sorted(f.name for f in deltalake.DeltaTable(new.uri).schema().fields) == sorted(new.spec.schema.fieldNames())
+    got = {(r.run_id, r.recorded_at is None) for r in new.read().collect()}
+    assert got == {("old", True), ("new", False)}
+    arrow = new.to_arrow()  # files written before the column read it as null
+    assert arrow.num_rows == 5 and arrow.column("recorded_at").null_count == 3
+
+
 def test_concurrent_appends_from_two_processes(wh, conf):
     table = wh.table("ops/job_runs")
     table.create()
