@@ -51,6 +51,15 @@ def _as_list(value: Any) -> list:
     return list(value)
 
 
+def _aligned(values: list, n: int, left: bool) -> list:
+    """n values of a side list: the last n, left-filled with None (left), or the first n, right-filled."""
+    if left:
+        tail = values[-n:] if n else []
+        return [None] * (n - len(tail)) + tail
+    head = values[:n]
+    return head + [None] * (n - len(head))
+
+
 class Encoder:
     """Turns raw viewer rows into the model's integer/float tensors, exactly as training saw them."""
 
@@ -81,20 +90,21 @@ class Encoder:
 
     def context(self, rows: pd.DataFrame, host_col: str, hour_col: str, counts: Sequence[int],
                 width: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
-        """[B, width] host and hour ids of a list column pair, aligned to the last (left) or first n items."""
+        """[B, width] host and hour ids of a list column pair, for each row's n items.
+
+        ``left``: histories, whose items are the last n (left-padded); else candidates, the
+        first n (right-padded). A missing column or a short list is no context.
+        """
         host = np.zeros((len(rows), width), np.int64)
         hour = np.zeros((len(rows), width), np.int64)
-        have_h, have_t = host_col in rows.columns, hour_col in rows.columns
         for i, n in enumerate(counts):
             if not n:
                 continue
             sl = slice(width - n, width) if left else slice(0, n)
-            if have_h:
-                host[i, sl] = self.host_ids(self._tail(_as_list(rows[host_col].iloc[i]), n, None, object) if left
-                                            else self._head(_as_list(rows[host_col].iloc[i]), n))
-            if have_t:
-                hour[i, sl] = self.hour_ids(self._tail(_as_list(rows[hour_col].iloc[i]), n, np.nan) if left
-                                            else self._head(_as_list(rows[hour_col].iloc[i]), n))
+            if host_col in rows.columns:
+                host[i, sl] = self.host_ids(_aligned(_as_list(rows[host_col].iloc[i]), n, left))
+            if hour_col in rows.columns:
+                hour[i, sl] = self.hour_ids(_aligned(_as_list(rows[hour_col].iloc[i]), n, left))
         return host, hour
 
     def encode(self, rows: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -130,16 +140,11 @@ class Encoder:
         return out
 
     @staticmethod
-    def _tail(values: list, n: int, fill: Any, dtype: Any = np.float64) -> np.ndarray:
+    def _tail(values: list, n: int, fill: Any) -> np.ndarray:
         """Last n values, left-filled with ``fill`` when a side list is shorter than the products."""
         values = values[-n:] if n else []
-        arr = np.array([fill] * (n - len(values)) + [fill if v is None else v for v in values], dtype=dtype)
+        arr = np.array([fill] * (n - len(values)) + [fill if v is None else v for v in values], dtype=np.float64)
         return arr
-
-    @staticmethod
-    def _head(values: list, n: int) -> list:
-        """First n values, right-filled with None when a side list is shorter than the candidates."""
-        return list(values[:n]) + [None] * (n - len(values[:n]))
 
 
 class StreamRankPyfunc(mlflow.pyfunc.PythonModel):

@@ -267,15 +267,13 @@ class CandidateSet:
     new_tiers: np.ndarray  # price tiers of the new products (0 when the model has none)
     popularity: np.ndarray
     n_slots: np.ndarray
-    host_id: list[str | None] = dataclasses.field(default_factory=list)  # host of the first slot
-    slot_hour: np.ndarray | None = None  # hour token of the first slot (features.hour_token)
+    host_id: list[str | None]  # host of the first slot
+    slot_hour: np.ndarray  # hour token of the first slot (features.hour_token)
 
     def context(self, host_vocab: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray]:
         """Model host ids and hour tokens of the candidates' first slots (unknown host 1, none 0)."""
-        hosts = [None] * self.size if len(self.host_id) != self.size else self.host_id
-        host = np.array([PAD_ID if h is None else int(host_vocab.get(str(h), UNK_ID)) for h in hosts], dtype=np.int64)
-        hour = np.zeros(self.size, np.int64) if self.slot_hour is None else np.asarray(self.slot_hour, dtype=np.int64)
-        return host, hour
+        host = [PAD_ID if h is None else int(host_vocab.get(str(h), UNK_ID)) for h in self.host_id]
+        return np.asarray(host, dtype=np.int64), self.slot_hour
 
     @property
     def size(self) -> int:
