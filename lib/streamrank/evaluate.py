@@ -470,6 +470,7 @@ def pyfunc_input(h: Holdout, vocab: Mapping[str, Mapping[str, int]], n: int = SA
         k = int(h.hist_len[i])
         sl = slice(h.hist_product.shape[1] - k, None) if k else slice(0, 0)
         dwell = h.hist_dwell[i, sl]
+        shown = np.array([int(c) >= FIRST_REAL_ID and int(c) in inv_p for c in h.cand_products[i]], dtype=bool)
         rows.append({
             "viewer_id": str(h.viewer_id[i]),
             "hist_product": [inv_p.get(int(p), "<unk>") for p in h.hist_product[i, sl]],
@@ -477,13 +478,11 @@ def pyfunc_input(h: Holdout, vocab: Mapping[str, Mapping[str, int]], n: int = SA
             "hist_dwell_ms": [0 if d <= 1 else int(100 * 2 ** (int(d) - 2)) for d in dwell],
             "hist_dt_hours": [float(x) for x in h.hist_dt[i, sl]],
             "pp_features": [float(x) for x in h.pp_features[i]],
-            "candidates": [inv_p[int(c)] for c in h.cand_products[i] if int(c) in inv_p and int(c) >= FIRST_REAL_ID],
+            "candidates": [inv_p[int(c)] for c in h.cand_products[i][shown]],
             "hist_host": [inv_h.get(int(x)) for x in h.hist_host[i, sl]],
             "hist_hour": [hour(x) for x in h.hist_hour[i, sl]],
-            "cand_host": [inv_h.get(int(x)) for x, c in zip(h.cand_host[i], h.cand_products[i], strict=True)
-                          if int(c) in inv_p and int(c) >= FIRST_REAL_ID],
-            "cand_hour": [hour(x) for x, c in zip(h.cand_hour[i], h.cand_products[i], strict=True)
-                          if int(c) in inv_p and int(c) >= FIRST_REAL_ID],
+            "cand_host": [inv_h.get(int(x)) for x in h.cand_host[i][shown]],
+            "cand_hour": [hour(x) for x in h.cand_hour[i][shown]],
         })
     return pd.DataFrame(rows)
 
