@@ -384,13 +384,13 @@ class _quiet(warnings.catch_warnings):
 
 
 def _gx_suite(gx: Any, name: str, entries: list[tuple[int, dict[str, Any]]], params: dict[str, Any]) -> Any:
-    """An in-memory GX suite of the given (index, entry) pairs; the index rides along in meta."""
-    suite = gx.ExpectationSuite(name=name)
-    for i, entry in entries:
-        suite.add_expectation(_to_expectation(entry, i, _description(entry, params)))
-    if len(suite.expectations) != len(entries):
-        raise ConfigError(f"{suite_path(name)}: GX merged equivalent expectations; make each entry distinct")
-    return suite
+    """An in-memory GX suite of the given (index, entry) pairs; the index rides along in meta.
+
+    The expectations go in through the constructor, not add_expectation: that one compares
+    each new expectation with every earlier one as pydantic dicts, 0.7 s for the two clean
+    suites (cProfile of bench_clean), to catch repeats that load_suite already rejects.
+    """
+    return gx.ExpectationSuite(name=name, expectations=[_to_expectation(e, i, _description(e, params)) for i, e in entries])
 
 
 def _result_index(r: Any) -> int:

@@ -28,6 +28,7 @@ from streamrank.clean import (
     clean,
     duplicate_plan,
     find_bots,
+    in_set,
     label,
     row_reasons,
     sliding_max,
@@ -228,6 +229,19 @@ def test_reasons_and_dedup_precedence(spark):
     silver = clean_mod.to_silver(labelled, "r", D1)
     assert silver.columns == table_spec("silver/viewer_events").schema.fieldNames()
     assert {r["event_date"] for r in silver.collect()} == {D1, dt.date(2026, 2, 26)}
+
+
+def test_in_set_matches_isin_on_awkward_ids(spark):
+    """The one-expression IN list quotes ids exactly: quotes, backslashes, SQL, unicode, nulls."""
+    known = ["p1", "it's", "back\\slash", "x') OR ('1'='1", "caf\u00e9", "tab\tid", "p1"]
+    probe = [*known, "p2", "its", "back\\\\slash", None, ""]
+    df = spark.createDataFrame([(v,) for v in probe], "product_id string")
+    got = [(r["product_id"], r["a"], r["b"], r["c"]) for r in df.select(
+        "product_id", in_set("product_id", known).alias("a"), F.col("product_id").isin(known).alias("b"),
+        in_set("product_id", []).alias("c")).collect()]
+    assert [(v, a) for v, a, _, _ in got] == [(v, b) for v, _, b, _ in got]
+    assert [v for v, a, _, _ in got if a] == known  # every known row, and nothing else, matches
+    assert [(v, c) for v, _, _, c in got] == [(v, None if v is None else False) for v in probe]
 
 
 def test_garbage_day_trips_the_gate(spark, conf, capsys):
