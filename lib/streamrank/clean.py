@@ -53,7 +53,8 @@ reasons packed into one int bit mask) and materialised once in executor memory
 fills it. The dedup plan is one aggregation over it, cached and broadcast; the four
 conservation counts and the per-reason counts are ONE aggregation; GX's jobs and both
 writes then read memory. Catalog and schedule ids are collected (one small job) into
-hash-set lookups instead of broadcast joins. Phases are timed with time.perf_counter
+hash-set lookups instead of broadcast joins, sent to the JVM as one parsed IN expression
+(`in_set`), not one py4j literal per id. Phases are timed with time.perf_counter
 into run.metrics["phases_s"].
 """
 

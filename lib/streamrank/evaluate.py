@@ -1,10 +1,12 @@
-"""`streamrank evaluate --date D`: holdout metrics for the challenger, the champion and two baselines.
+"""`streamrank evaluate --date D`: holdout metrics for the challenger, the champion and three baselines.
 
 Why it works the way it does:
 
-- **One holdout, four rankers.** The holdout of D is gold/training_examples rows with
+- **One holdout, five rankers.** The holdout of D is gold/training_examples rows with
   as_of_date = D and split = 'test' (the cutoff D 00:00, targets = the carts and purchases
-  of day D; the viewers of features.test_share). The challenger, the champion, most-popular and Spark MLlib ALS all score the
+  of day D; the viewers of features.test_share). The challenger, the champion, most-popular,
+  pop_category (popularity + the viewer's category shares, fixed weights: the bar a sequence
+  model must clear to be worth its cost) and Spark MLlib ALS all score the
   SAME rows under the SAME protocol, so their figures are comparable and the promotion gate
   can compare them.
 - **Protocol = the training worker's.** The target product is ranked among the row's
@@ -23,10 +25,10 @@ Why it works the way it does:
   (Platt, fitted by the train worker on validation logits); the raw-probability log loss and
   ECE are logged too so a poor calibration is visible. A model without a calibrator (its
   validation set had one class) is scored on raw probabilities and tagged so.
-- **Baselines from the same training window.** Both baselines learn from silver events in
+- **Baselines from the same training window.** The baselines learn from silver events in
   [D - features.history_days, D 00:00): the training window the model's examples come from.
 - **Where the figures go.** The challenger's MLflow run (challenger unprefixed, others
-  prefixed ``champion_``, ``most_popular_``, ``als_``; step = YYYYMMDD of D, so a later
+  prefixed ``champion_``, ``most_popular_``, ``pop_category_``, ``als_``; step = YYYYMMDD of D, so a later
   evaluation is the metric's latest value and the training curve is not overwritten), one
   row per (candidate, metric) in ops/model_eval (a re-run replaces this challenger's rows
   for D: idempotent), and the headline figures in ops/job_runs.
@@ -110,10 +112,16 @@ ALS_EVENT_WEIGHTS: dict[str, float] = {
 }
 #: Events that make a product "popular": the same events the targets are made of.
 POPULAR_EVENTS = ("add_to_cart", "purchase")
-CANDIDATES = ("challenger", "champion", "most_popular", "als")
+#: pop_category: weight of a history event in the viewer's category shares (others: AFFINITY_OTHER_WEIGHT).
+AFFINITY_EVENT_WEIGHTS: dict[str, float] = {"view_product": 1.0, "click_product": 2.0, "add_to_cart": 3.0, "purchase": 3.0}
+AFFINITY_OTHER_WEIGHT = 0.3
+#: pop_category: score = log1p(popularity) + AFFINITY_WEIGHT * the viewer's share of the candidate's category.
+AFFINITY_WEIGHT = 3.0
+CANDIDATES = ("challenger", "champion", "most_popular", "pop_category", "als")
 #: The rows evaluate scores: the validation day's viewers that training never looked at.
 HOLDOUT_SPLIT = "test"
-PREFIX = {"challenger": "", "champion": "champion_", "most_popular": "most_popular_", "als": "als_"}
+PREFIX = {"challenger": "", "champion": "champion_", "most_popular": "most_popular_",
+          "pop_category": "pop_category_", "als": "als_"}
 HEADLINE = ("ndcg_at_10", "hr_at_10", "mrr", "coverage_at_10", "intent_auc", "intent_ece")
 
 
@@ -384,6 +392,14 @@ def download_model(ref: ModelRef, dst: str) -> LoadedModel:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one summary line per stage, not bars
     local = mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=dst)
+    if not (Path(local) / "MLmodel").exists():
+        # MLflow "downloads" a version whose artifact directory was deleted or moved as an
+        # empty folder; say which version and where, not "no MLmodel in a temp dir".
+        raise MissingInputError(
+            f"model {ref.name} v{ref.version} (run {ref.run_id}) has no MLmodel at its artifact location"
+            f" ({_artifact_source(ref)}): the artifacts were moved or deleted; point the alias at a version"
+            " that still has them (`streamrank promote --rollback`, or MlflowClient.set_registered_model_alias)"
+        )
     saved = list(sys.path)
     try:
         pyfunc = mlflow.pyfunc.load_model(local)
@@ -393,6 +409,16 @@ def download_model(ref: ModelRef, dst: str) -> LoadedModel:
     with open(Path(local) / "artifacts" / "vocab.json", encoding="utf-8") as fh:
         vocab = json.load(fh)
     return LoadedModel(ref, pyfunc, inner.model.eval(), vocab, inner.calibrator, local)
+
+
+def _artifact_source(ref: ModelRef) -> str:
+    """Where the registry says the version's files are (for error messages only)."""
+    try:
+        from mlflow import MlflowClient
+
+        return str(MlflowClient().get_model_version(ref.name, ref.version).source)
+    except Exception:  # noqa: BLE001 - the message still names the version
+        return ref.uri
 
 
 def score_model(lm: LoadedModel, h: Holdout, vocab: Mapping[str, Mapping[str, int]]) -> Scored:
@@ -572,6 +598,40 @@ def score_lookup(h: Holdout, item_scores: np.ndarray, factors: tuple[np.ndarray,
             parts[key].extend(r[key] if key.endswith("_top") else [r[key]])
     return Scored(cand_ranks=np.concatenate(parts["cand_ranks"]), full_ranks=np.concatenate(parts["full_ranks"]),
                   cand_top=parts["cand_top"], full_top=parts["full_top"])
+
+
+def category_affinity_factors(h: Holdout, counts: np.ndarray, product_category: np.ndarray,
+                              vocab: Mapping[str, Mapping[str, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The pop_category baseline as factors for `score_lookup`: U [B, n_cat + 1], V [n_ids, n_cat + 1].
+
+    Score of product p for a viewer = log1p(carts + purchases of p) + AFFINITY_WEIGHT x the
+    viewer's weighted share of history events in p's category. Why this baseline: on the
+    synthetic week, popularity plus category affinity alone reaches the attention model's
+    NDCG (README, "The model's inputs"), so a challenger that cannot beat it has learned
+    nothing a two-line rule does not know. The weights are fixed, not fitted on the holdout.
+    """
+    n_ids = counts.shape[0]
+    cats = np.zeros(n_ids, dtype=np.int64)
+    m = min(n_ids, product_category.shape[0])
+    cats[:m] = product_category[:m]
+    n_cat = int(max(cats.max(initial=1), h.hist_category.max(initial=1))) + 1
+    events = vocab.get("event") or {}
+    w_event = np.full(max([UNK_ID, *events.values()]) + 1, AFFINITY_OTHER_WEIGHT)
+    w_event[0] = 0.0  # padding
+    for token, idx in events.items():
+        w_event[idx] = AFFINITY_EVENT_WEIGHTS.get(token, AFFINITY_OTHER_WEIGHT)
+    w = w_event[np.clip(h.hist_event, 0, w_event.shape[0] - 1)] * (h.hist_category > 0)
+    b = len(h)
+    shares = np.zeros((b, n_cat))
+    np.add.at(shares, (np.repeat(np.arange(b), w.shape[1]), np.clip(h.hist_category, 0, n_cat - 1).ravel()), w.ravel())
+    shares /= np.maximum(shares.sum(1, keepdims=True), 1e-12)
+    users = np.concatenate([AFFINITY_WEIGHT * shares, np.ones((b, 1))], axis=1)
+    items = np.zeros((n_ids, n_cat + 1))
+    items[np.arange(n_ids), cats] = 1.0
+    # popularity_scores' fixed tie order, shrunk so it never crosses a category share
+    items[:, -1] = np.log1p(counts) + 1e-6 * (1.0 - np.arange(n_ids) / max(n_ids, 1))
+    items[:FIRST_REAL_ID] = 0.0
+    return users, items
 
 
 def als_scores(ctx: Context, date: dt.date, h: Holdout, vocab: Mapping[str, Mapping[str, int]],
@@ -755,6 +815,11 @@ def evaluate(ctx: Context, date: dt.date) -> dict[str, Any]:
         counts = popularity(ctx, date, vocab, run)
         results["most_popular"] = ranking_figures(score_lookup(holdout, popularity_scores(counts), None, catalogue),
                                                   catalogue.size)
+        from streamrank.train import product_categories
+
+        affinity = category_affinity_factors(holdout, counts, np.asarray(product_categories(ctx, date, vocab)), vocab)
+        results["pop_category"] = ranking_figures(score_lookup(holdout, np.zeros(counts.shape[0]), affinity, catalogue),
+                                                  catalogue.size)
         als = als_scores(ctx, date, holdout, vocab, run)
         if als is None:
             notes.append("no silver interactions in the training window: ALS not trained")
@@ -772,7 +837,7 @@ def evaluate(ctx: Context, date: dt.date) -> dict[str, Any]:
         _print_table(results)
         head = results["challenger"]
         run.metrics.update({k: round(head[k], 4) for k in HEADLINE if head.get(k) is not None})
-        for cand in ("champion", "most_popular", "als"):
+        for cand in ("champion", "most_popular", "pop_category", "als"):
             if results.get(cand, {}).get("ndcg_at_10") is not None:
                 run.metrics[f"{PREFIX[cand]}ndcg_at_10"] = round(results[cand]["ndcg_at_10"], 4)
         run.metrics.update({"model_version": challenger.version, "champion_version": versions.get("champion"),

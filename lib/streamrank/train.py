@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,22 @@ class TrainingDivergedError(StreamrankError):
     """The loss became NaN or inf: nothing is registered (exit 1)."""
 
 
+def product_categories(ctx: Context, date: dt.date, vocab: Mapping[str, Mapping[str, int]]) -> list[int]:
+    """Category id of every product id of `vocab` (0 padding, 1 unknown), from its latest
+    bronze/products row up to D: the lookup the model's item tower and evaluate's
+    category-affinity baseline share."""
+    products = ctx.table("bronze/products").read().filter(F.col("snapshot_date") <= F.lit(date))
+    latest = products.groupBy("product_id").agg(F.max_by("category", "snapshot_date").alias("category"))
+    product_ids, category_ids = vocab.get("product") or {}, vocab.get("category") or {}
+    out = [1] * (max(product_ids.values(), default=1) + 1)
+    out[0] = 0
+    for r in latest.collect():
+        idx = product_ids.get(r.product_id)
+        if idx is not None:
+            out[idx] = category_ids.get(r.category, 1)
+    return out
+
+
 def export_vocab(ctx: Context, date: dt.date, out: Path) -> Path:
     """Write the vocabularies of D (and product -> category index) as the model's vocab.json."""
     vocab = ctx.table("gold/vocabularies").read().filter(F.col("as_of_date") == F.lit(date))
@@ -41,16 +58,7 @@ def export_vocab(ctx: Context, date: dt.date, out: Path) -> Path:
     kinds: dict[str, dict[str, int]] = {"product": {}, "category": {}, "event": {}}
     for r in rows:
         kinds.setdefault(r.kind, {})[r.token] = int(r.idx)
-    products = ctx.table("bronze/products").read().filter(F.col("snapshot_date") <= F.lit(date))
-    latest = products.groupBy("product_id").agg(F.max_by("category", "snapshot_date").alias("category"))
-    n_products = max(kinds["product"].values(), default=1) + 1
-    product_category = [1] * n_products
-    product_category[0] = 0
-    for r in latest.collect():
-        idx = kinds["product"].get(r.product_id)
-        if idx is not None:
-            product_category[idx] = kinds["category"].get(r.category, 1)
-    doc = {**kinds, "product_category": product_category, "as_of_date": date.isoformat()}
+    doc = {**kinds, "product_category": product_categories(ctx, date, kinds), "as_of_date": date.isoformat()}
     out.mkdir(parents=True, exist_ok=True)
     path = out / "vocab.json"
     path.write_text(json.dumps(doc))

@@ -238,6 +238,42 @@ def test_most_popular_exact(world):
     assert "intent_auc" not in got
 
 
+def test_pop_category_baseline_exact(world):
+    """log1p(carts + purchases) + 3 x the viewer's weighted share of the candidate's category,
+    recomputed here from the tokens and the designed silver rows."""
+    from collections import Counter
+
+    lo = dt.datetime.combine(D - dt.timedelta(days=30), dt.time(0), tzinfo=UTC)
+    hi = dt.datetime.combine(D, dt.time(0), tzinfo=UTC)
+    test = [r for r in world["tok_d"] if r["split"] == "test"]
+    counts = Counter(e["product_id"] for e in silver_rows(test)
+                     if e["event_type"] in ("add_to_cart", "purchase") and lo <= e["event_ts"] < hi)
+    ids = vocab_of(D)["product"]
+    n_ids = max(ids.values()) + 1
+    weight = {"view_product": 1.0, "click_product": 2.0, "add_to_cart": 3.0, "purchase": 3.0}
+    ranks = []
+    for r in test:
+        if not r["target"]:
+            continue
+        w = Counter()
+        for t, e in zip(r["hist"], r["events"], strict=True):
+            w[category(t)] += weight.get(e, 0.3)
+        total = sum(w.values())
+
+        def score(t: str) -> float:
+            return math.log1p(counts[t]) + 3.0 * w[category(t)] / total + 1e-6 * (1 - ids[t] / n_ids)  # noqa: B023
+
+        ranks.append(sum(1 for c in r["cands"] if c != r["target"] and score(c) >= score(r["target"])))
+    ranks = np.array(ranks)
+    got = world["result"]["results"]["pop_category"]
+    assert got["ranked_rows"] == len(ranks)
+    assert got["ndcg_at_10"] == pytest.approx(float(np.where(ranks < 10, 1 / np.log2(ranks + 2), 0).mean()))
+    assert got["mrr"] == pytest.approx(float((1 / (ranks + 1)).mean()))
+    assert "intent_auc" not in got
+    # the history matters: most-popular ranks differently in this world
+    assert got["mrr"] != pytest.approx(world["result"]["results"]["most_popular"]["mrr"])
+
+
 def test_full_catalogue_figures_use_a_systematic_sample(world, monkeypatch):
     """Full ranks exist only for rows with a target: only those are ranked, every k-th above
     FULL_SAMPLE_ROWS, and the sampled ranks are exactly the unsampled ones of those rows."""
@@ -258,7 +294,7 @@ def test_full_catalogue_figures_use_a_systematic_sample(world, monkeypatch):
 
 def test_als_and_champion_are_scored(world):
     res = world["result"]
-    assert set(res["results"]) == {"challenger", "champion", "most_popular", "als"}
+    assert set(res["results"]) == {"challenger", "champion", "most_popular", "pop_category", "als"}
     assert res["champion_version"] == world["champion"]["model_version"] != res["challenger_version"]
     als = res["results"]["als"]
     assert 0.0 <= als["ndcg_at_10"] <= 1.0 and als["ranked_rows"] == res["results"]["challenger"]["ranked_rows"]
@@ -309,10 +345,10 @@ def test_model_eval_rows_and_idempotent_rewrite(world):
     by = {}
     for r in rows:
         by.setdefault(r["candidate"], []).append(r)
-    assert set(by) == {"challenger", "champion", "most_popular", "als"}
+    assert set(by) == {"challenger", "champion", "most_popular", "pop_category", "als"}
     assert {r["model_version"] for r in by["challenger"]} == {res["challenger_version"]}
     assert {r["model_version"] for r in by["champion"]} == {res["champion_version"]}
-    assert {r["model_version"] for r in by["als"] + by["most_popular"]} == {None}
+    assert {r["model_version"] for r in by["als"] + by["most_popular"] + by["pop_category"]} == {None}
     assert {r["mlflow_run_id"] for r in rows} == {res["mlflow_run_id"]}
     assert len({(r["candidate"], r["metric"]) for r in rows}) == len(rows)  # one row per candidate and metric
     got = {r["metric"]: r["value"] for r in by["challenger"]}
@@ -330,7 +366,8 @@ def test_job_runs_records_the_headline(world):
     assert len(runs) == 1
     metrics = json.loads(runs[0]["metrics"])
     assert metrics["ndcg_at_10"] == pytest.approx(world["result"]["results"]["challenger"]["ndcg_at_10"], abs=1e-4)
-    assert {"champion_ndcg_at_10", "most_popular_ndcg_at_10", "als_ndcg_at_10", "model_version"} <= set(metrics)
+    assert {"champion_ndcg_at_10", "most_popular_ndcg_at_10", "pop_category_ndcg_at_10", "als_ndcg_at_10",
+            "model_version"} <= set(metrics)
     assert runs[0]["mlflow_run_id"] == world["result"]["mlflow_run_id"]
     assert "gold/training_examples" in json.loads(runs[0]["versions_read"])
 
@@ -344,6 +381,25 @@ def test_no_holdout_and_no_challenger(world, spark, conf):
     assert err.value.exit_code == 5
     argv = ["evaluate", "--set", f"warehouse.root={conf.warehouse}", "--set", "spark.master=local[2]", "--date", str(D)]
     assert main(argv) == 5
+
+
+def test_a_version_without_artifacts_is_a_clear_missing_input(world, tmp_path):
+    """A version whose artifact folder was deleted fails with exit 5 naming it, not MLflow's
+    'no MLmodel in <temp dir>' traceback."""
+    import mlflow
+
+    from streamrank.registry import ModelRef, setup_mlflow
+
+    setup_mlflow(world["conf"])
+    gone = tmp_path / "deleted-artifacts"
+    gone.mkdir()
+    client_ = mlflow.MlflowClient()
+    client_.create_registered_model("streamrank-ghost")
+    mv = client_.create_model_version("streamrank-ghost", source=str(gone))
+    ref = ModelRef("streamrank-ghost", str(mv.version), "r0", {})
+    with pytest.raises(MissingInputError, match=r"streamrank-ghost v1 \(run r0\) has no MLmodel") as err:
+        download_model(ref, str(tmp_path / "dl"))
+    assert str(gone) in str(err.value) and err.value.exit_code == 5
 
 
 def test_promote_after_evaluate_follows_the_gate(world):
