@@ -65,6 +65,7 @@ from streamrank.config import Config
 from streamrank.context import Context, StageRun, stage_run
 from streamrank.errors import InsufficientHistoryError, MissingInputError
 from streamrank.registry import CHALLENGER, CHAMPION, ModelRef, by_alias, setup_mlflow
+from streamrank.train import product_categories
 
 TRAINING = "gold/training_examples"
 VOCAB = "gold/vocabularies"
@@ -815,8 +816,6 @@ def evaluate(ctx: Context, date: dt.date) -> dict[str, Any]:
         counts = popularity(ctx, date, vocab, run)
         results["most_popular"] = ranking_figures(score_lookup(holdout, popularity_scores(counts), None, catalogue),
                                                   catalogue.size)
-        from streamrank.train import product_categories
-
         affinity = category_affinity_factors(holdout, counts, np.asarray(product_categories(ctx, date, vocab)), vocab)
         results["pop_category"] = ranking_figures(score_lookup(holdout, np.zeros(counts.shape[0]), affinity, catalogue),
                                                   catalogue.size)
