@@ -219,4 +219,7 @@ def load_config(
     engine = data["delta"]["engine"]
     if engine not in ("auto", "spark", "rs"):
         raise ConfigError(f"config key 'delta.engine': expected one of auto, spark, rs, got {engine!r}")
+    precision = data["score"]["precision"]
+    if str(precision).strip().lower() not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"config key 'score.precision': expected one of auto, fp32, bf16, got {precision!r}")
     return Config(data, source)

@@ -21,6 +21,13 @@ Why it works the way it does:
   model.py's forward. A model keeps the vocabulary it was trained with, so ids of D's
   holdout are mapped token by token into each model's ids (the champion of D-1 may number
   products differently once a product is added to the catalogue).
+- **Figures at the precision that is served.** The model is evaluated in float32, as it
+  was trained and validated; when ``score.precision`` resolves to bf16 the challenger is
+  scored a second time the way the score stage serves it (encoder and intent head in
+  bf16, candidate vectors and ranking in float32) and ``served_ndcg_at_10``,
+  ``served_hr_at_10`` and ``served_intent_auc`` say what viewers actually get (equal to
+  the float32 figures when float32 is served), so a promotion never rests on arithmetic
+  that is not the one in production.
 - **Calibrated intent.** Intent metrics use the calibrator that ships with the model
   (Platt, fitted by the train worker on validation logits); the raw-probability log loss and
   ECE are logged too so a poor calibration is visible. A model without a calibrator (its
@@ -65,6 +72,7 @@ from streamrank.config import Config
 from streamrank.context import Context, StageRun, stage_run
 from streamrank.errors import InsufficientHistoryError, MissingInputError
 from streamrank.registry import CHALLENGER, CHAMPION, ModelRef, by_alias, setup_mlflow
+from streamrank.score import inference_precision
 from streamrank.train import product_categories
 
 TRAINING = "gold/training_examples"
@@ -123,7 +131,9 @@ CANDIDATES = ("challenger", "champion", "most_popular", "pop_category", "als")
 HOLDOUT_SPLIT = "test"
 PREFIX = {"challenger": "", "champion": "champion_", "most_popular": "most_popular_",
           "pop_category": "pop_category_", "als": "als_"}
-HEADLINE = ("ndcg_at_10", "hr_at_10", "mrr", "coverage_at_10", "intent_auc", "intent_ece")
+HEADLINE = ("ndcg_at_10", "hr_at_10", "mrr", "coverage_at_10", "intent_auc", "intent_ece", "served_ndcg_at_10")
+#: The challenger's figures recomputed at score.precision (served_<name>).
+SERVED = ("ndcg_at_10", "hr_at_10", "intent_auc")
 
 
 # ----------------------------------------------------------------------------- holdout
@@ -422,18 +432,24 @@ def _artifact_source(ref: ModelRef) -> str:
         return ref.uri
 
 
-def score_model(lm: LoadedModel, h: Holdout, vocab: Mapping[str, Mapping[str, int]]) -> Scored:
+def score_model(lm: LoadedModel, h: Holdout, vocab: Mapping[str, Mapping[str, int]], precision: str = "fp32") -> Scored:
     """Score the holdout with a model: candidate and full-catalogue ranks, top lists, intent.
 
     Ids are translated from D's vocabulary into the model's; identity of products (is this
     competitor the target?) is decided on D's ids, so two products unknown to the model do
-    not become "the same product".
+    not become "the same product". ``precision`` bf16 scores as the score stage serves:
+    a bf16 copy encodes and runs the intent head, the float32 model's candidate vectors
+    rank (lm.net itself is shared with the pyfunc and stays float32).
     """
+    import copy
+
     import torch
 
     from streamrank.model import apply_calibration, batch_to_tensors
+    from streamrank.score import PRECISIONS
 
     net = lm.net
+    enc = net if precision == "fp32" else copy.deepcopy(net).to(PRECISIONS[precision])
     pmap = id_map(vocab.get("product", {}), lm.vocab.get("product", {}))
     cmap = id_map(vocab.get("category", {}), lm.vocab.get("category", {}))
     emap = id_map(vocab.get("event", {}), lm.vocab.get("event", {}))
@@ -455,11 +471,11 @@ def score_model(lm: LoadedModel, h: Holdout, vocab: Mapping[str, Mapping[str, in
                 "hist_host": _lookup(hmap, b.hist_host), "hist_hour": b.hist_hour,
                 "cand_host": _lookup(hmap, b.cand_host), "cand_hour": b.cand_hour,
             })
-            out = net(batch, compute_loss=False)
+            out = enc(batch, compute_loss=False)
             state = out["state"].float()
             t_score = net.target_scores(state, batch).numpy()
             t_full = (state * net.item_vec(batch["target_product"])).sum(-1).numpy()
-            cand_scores = out["rank_logits"].float().numpy()
+            cand_scores = (out["rank_logits"] if enc is net else net.candidate_scores(state, batch)).float().numpy()
             sel = sample.rows(s, s + len(b))
             full_scores = net.rank_scores(state[torch.as_tensor(sel)], cat_matrix).float().numpy()
             logits = out["viewer_logit"].float().numpy()
@@ -779,6 +795,7 @@ def evaluate(ctx: Context, date: dt.date) -> dict[str, Any]:
         vocab = load_vocab(ctx, date, run)
         catalogue = catalogue_ids(vocab)
         threshold = float(ctx.cfg["evaluate.intent_threshold"])
+        precision = inference_precision(ctx.cfg["score.precision"])  # what the score stage will serve
         notes: list[str] = []
         trained_on = challenger.tags.get("as_of_date")
         if trained_on and trained_on > date.isoformat():
@@ -795,6 +812,12 @@ def evaluate(ctx: Context, date: dt.date) -> dict[str, Any]:
                 lm = download_model(ref, os.path.join(tmp, cand))
                 scored = score_model(lm, holdout, vocab)
                 figures = {**ranking_figures(scored, catalogue.size), **intent_figures(scored, threshold)}
+                if cand == "challenger":
+                    served = figures
+                    if precision != "fp32":
+                        s2 = score_model(lm, holdout, vocab, precision)
+                        served = {**ranking_figures(s2, catalogue.size), **intent_figures(s2, threshold)}
+                    figures.update({f"served_{key}": served[key] for key in SERVED})
                 rows, bad = nonfinite_outputs(lm.pyfunc, sample)
                 figures.update({"sample_rows": float(rows), "sample_nonfinite": float(bad)})
                 figures["calibrated"] = 1.0 if lm.calibrator else 0.0
@@ -828,7 +851,7 @@ def evaluate(ctx: Context, date: dt.date) -> dict[str, Any]:
 
         tags = {"evaluate.date": date.isoformat(), "evaluate.streamrank_run_id": ctx.run_id,
                 "evaluate.champion_version": champion.version if champion else "none",
-                "evaluate.holdout_rows": str(len(holdout))}
+                "evaluate.holdout_rows": str(len(holdout)), "evaluate.served_precision": precision}
         log_to_mlflow(challenger.run_id, date, results, tags)
         rows = model_eval_rows(ctx, date, challenger.run_id, results, versions)
         run.wrote(MODEL_EVAL, write_model_eval(ctx, date, challenger.run_id, rows))
@@ -840,7 +863,7 @@ def evaluate(ctx: Context, date: dt.date) -> dict[str, Any]:
             if results.get(cand, {}).get("ndcg_at_10") is not None:
                 run.metrics[f"{PREFIX[cand]}ndcg_at_10"] = round(results[cand]["ndcg_at_10"], 4)
         run.metrics.update({"model_version": challenger.version, "champion_version": versions.get("champion"),
-                            "holdout_rows": len(holdout), "eval_rows": len(rows)})
+                            "holdout_rows": len(holdout), "eval_rows": len(rows), "served_precision": precision})
         run.message = "; ".join([f"evaluated v{challenger.version}"
                                  + (f" against champion v{champion.version}" if champion else " (no separate champion)")]
                                 + notes)

@@ -178,20 +178,29 @@ class DecayAttentionBlock(nn.Module):
         """lambda[h, event_type] > 0, per hour."""
         return F.softplus(self.decay_raw)
 
-    def attn_bias(self, dt: Tensor, event: Tensor, allowed: Tensor) -> Tensor:
+    def attn_bias(self, age: Tensor, event: Tensor, allowed: Tensor) -> Tensor:
         """Additive attention bias [B, H, L, L]: time decay where allowed, -inf elsewhere.
 
-        The age of key j seen from query i is ``dt_j - dt_i`` hours (both measured back from the
-        cutoff, so the difference is the time between the two events). For the last position -
-        the viewer state - this is the age relative to the most recent event; its difference to
-        the cutoff-relative form ``-lambda * dt_j`` is absorbed per key type into the learned
-        lambdas, and it keeps training at every position consistent with scoring.
+        ``age`` [B, Lq, Lk] (see `key_ages`) is shared by every block: only the rates differ.
+        The bias is built in age's dtype, the activations' (bf16 when scoring in bf16), so no
+        [B, H, L, L] tensor is converted afterwards.
         """
-        lam = self.decay_rates()[:, event]  # [H, B, L] rates of the key events
+        lam = self.decay_rates()[:, event].to(age.dtype)  # [H, B, L] rates of the key events
         lam = lam.permute(1, 0, 2).unsqueeze(2)  # [B, H, 1, L]
-        age = (dt.unsqueeze(1) - dt.unsqueeze(2)).clamp_min(0.0)  # [B, Lq, Lk]
         bias = -lam * age.unsqueeze(1)  # [B, H, Lq, Lk]
         return bias.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+
+    @staticmethod
+    def key_ages(dt: Tensor, dtype: torch.dtype) -> Tensor:
+        """[B, Lq, Lk] hours between query i and an earlier key j: ``dt_j - dt_i`` clamped at 0.
+
+        Both are measured back from the cutoff, so the difference is the time between the two
+        events. For the last position - the viewer state - this is the age relative to the
+        most recent event; its difference to the cutoff-relative form ``-lambda * dt_j`` is
+        absorbed per key type into the learned lambdas, and it keeps training at every
+        position consistent with scoring. Computed in float32, then cast once.
+        """
+        return (dt.unsqueeze(1) - dt.unsqueeze(2)).clamp_min(0.0).to(dtype)
 
     def forward(self, x: Tensor, bias: Tensor, return_attn: bool = False) -> tuple[Tensor, Tensor | None]:
         b, length, d = x.shape
@@ -373,8 +382,9 @@ class StreamRankModel(nn.Module):
         # A query sees past real events and always itself, so padded/cold-start rows stay finite.
         allowed = causal.unsqueeze(0) & (valid.unsqueeze(1) | eye.unsqueeze(0))
         attns: list[Tensor] = []
+        age = DecayAttentionBlock.key_ages(dt, x.dtype)
         for block in self.blocks:
-            bias = block.attn_bias(dt, event, allowed)
+            bias = block.attn_bias(age, event, allowed)
             x, a = block(x, bias, return_attn=return_attn)
             if a is not None:
                 attns.append(a)

@@ -48,6 +48,17 @@ What is scored, and why it is built this way:
   partition is then replaced in one atomic Delta commit (rankings, then intent: Delta
   has no cross-table transaction, so a crash between the two leaves rankings of this run
   next to intent scores of the previous one until the re-run, which the nightly makes).
+- Precision (``score.precision``): the encoder and the intent head run in bfloat16 when
+  the driver's CPU multiplies bf16 natively (AMX or AVX512-BF16; ``auto``), else float32.
+  Measured with a model trained on the scale-1 week (holdout of 114,704 rows): NDCG@10
+  0.4530 vs 0.4527 in float32, AUC 0.6414 vs 0.6415; bench_score (400k viewers x 2,000
+  candidates, local[2]) 36.6 s vs 59.1 s. The ranking matmul and top-K stay float32
+  (viewer state cast up, candidate matrix computed in float32 on the driver): bf16's
+  8-bit mantissa would otherwise turn near-equal scores into ties. The driver decides
+  and ships the choice in the broadcast, so every executor computes the same way
+  (``auto`` judges the driver's CPU: where the executors' CPUs differ, set it
+  explicitly). ``fp32`` reproduces evaluate's and training's figures to the last bit.
+  The MLflow pyfunc stays float32 (it is served elsewhere).
 - Determinism: eval mode (no dropout), seeded torch, batches fixed by a sorted
   partitioning, ties ordered by candidate index: a re-run for D writes identical rows
   (except run_id, which names the run that wrote them).
@@ -108,6 +119,29 @@ INTENT_SUITE = "gold_user_intent_scores"
 
 STRATEGY_MODEL, STRATEGY_COLD = "model", "cold_start"
 POPULARITY_DAYS = 7
+
+#: score.precision -> the dtype of the model on the executors.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX512-BF16).
+
+    Without it torch emulates bf16 and is slower than float32, so ``auto`` keeps float32.
+    """
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def inference_precision(value: str) -> str:
+    """Resolve ``score.precision`` (auto | fp32 | bf16) to fp32 or bf16; ConfigError otherwise."""
+    name = str(value).strip().lower()
+    if name == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    if name not in PRECISIONS:
+        raise ConfigError(f"config key 'score.precision': expected one of auto, fp32, bf16, got {value!r}")
+    return name
+
 POPULAR_EVENTS = ("add_to_cart", "purchase")
 DEFAULT_PRICE_TIER = 3  # features.py: a price level without signal gets the middle tier
 ARTIFACTS = ("model.pt", "model_config.json", "vocab.json", "calibrator.json")
@@ -447,7 +481,7 @@ class Scorer:
         batch = self.tensors(inputs)
         b = batch["hist_len"].shape[0]
         h, _ = self.model.encode(batch)
-        state = h[:, -1]
+        state = h[:, -1].float()  # the ranking matmul is float32 whatever the encoder's precision
         vals, idx = deterministic_topk(self.model.rank_scores(state, self.cand_matrix), self.k)
         vals = vals.double()
         cold = batch["hist_len"] == 0
@@ -495,7 +529,7 @@ def cached_model(payload: Mapping[str, Any]) -> StreamRankModel:
     model = _MODELS.get(key)
     if model is None:
         _MODELS.clear()  # one night's model at a time; an old one is never used again
-        model = _MODELS[key] = build_model(payload)
+        model = _MODELS[key] = build_model(payload).to(PRECISIONS[payload.get("precision", "fp32")])
     return model
 
 
@@ -658,16 +692,18 @@ def _vocab_of(rows: Sequence[Any]) -> dict[str, dict[str, int]]:
 
 
 def build_payload(champion: Champion, cands: CandidateSet, feature_vocab: Mapping[str, Mapping[str, int]],
-                  k: int) -> tuple[dict[str, Any], StreamRankModel]:
+                  k: int, precision: str = "fp32") -> tuple[dict[str, Any], StreamRankModel]:
     """What the executors get (one broadcast) and the driver's own copy of the model.
 
-    The candidate matrix is computed here, once per night, from the same extended model
-    the workers rebuild, so ranking and intent agree on every candidate's vector.
+    The candidate matrix is computed here, once per night, in float32 from the same
+    extended model the workers rebuild, so ranking and intent agree on every candidate's
+    vector. ``precision`` (fp32 | bf16, see inference_precision) is the workers' dtype.
     """
     digest = hashlib.sha256(champion.model_pt)
     digest.update(cands.new_categories.tobytes() + cands.new_tiers.tobytes())
     payload: dict[str, Any] = {
-        "cache_key": f"{champion.name}/{champion.version}/{digest.hexdigest()[:16]}",
+        "cache_key": f"{champion.name}/{champion.version}/{digest.hexdigest()[:16]}/{precision}",
+        "precision": precision,
         "model_version": champion.version,
         "model_pt": champion.model_pt,
         "model_config": champion.model_config,
@@ -721,6 +757,7 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
         if int(cfg[key]) < 1:  # 0 would publish empty lists or score nobody: a conf typo, not a night's data
             raise ConfigError(f"config key {key!r}: expected an integer >= 1, got {cfg[key]}")
     k = int(cfg["score.top_k"])
+    precision = inference_precision(cfg["score.precision"])
     phases = PhaseTimer()
     with stage_run(ctx, STAGE, date) as run:
         run.metrics["phases_s"] = phases.seconds
@@ -754,7 +791,7 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
             cands = build_candidates(cand_rows, champion.vocab.get("product") or {}, champion.vocab.get("category") or {},
                                      int(champion.model_config["n_products"]), use_tiers,
                                      price_thresholds(catalog) if use_tiers else [])
-            payload, _ = build_payload(champion, cands, _vocab_of(vocab_rows), k)
+            payload, _ = build_payload(champion, cands, _vocab_of(vocab_rows), k, precision)
             bc = spark.sparkContext.broadcast(payload)
 
         viewers = active_viewers(features, date, int(cfg["score.active_days"]))
@@ -791,10 +828,10 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
         run.metrics.update({
             "score_date": str(tomorrow), "viewers": n_viewers, "cold_start_viewers": n_cold,
             "candidates": cands.size, "new_products": cands.n_new, "top_k": k_eff, "ranking_rows": n_viewers * k_eff,
-            "model_version": champion.version, "model_run_id": champion.run_id,
+            "model_version": champion.version, "model_run_id": champion.run_id, "precision": precision,
         })
         run.message = (f"{n_viewers} viewers ({n_cold} cold start) x {cands.size} candidates ({cands.n_new} new) -> "
-                       f"top {k_eff} for {tomorrow} with {champion.name} v{champion.version}")
+                       f"top {k_eff} for {tomorrow} with {champion.name} v{champion.version} ({precision})")
         return dict(run.metrics, versions_read=dict(run.versions_read), versions_written=dict(run.versions_written))
 
 

@@ -4,7 +4,8 @@ All sides run in this one process/session on the same synthetic inputs:
 
 - viewers: gold/viewer_features-shaped Parquet (L = features.seq_len histories, ~10 %
   cold-start rows, small row groups so Spark splits them like the features stage's files);
-- model: an untrained StreamRankModel of the configured size (model.*), 5,000 products;
+- model: an untrained StreamRankModel of the configured size (model.*), 5,000 products,
+  run in score.precision (auto: bf16 on CPUs with AMX/AVX512-BF16, as the score stage);
 - candidates: 2,000 products of "tomorrow's schedule" (the scale-1 order of magnitude),
   2 % of them new launches scored from their category.
 
@@ -53,6 +54,7 @@ from streamrank.score import (
     arrow_inputs,
     build_candidates,
     build_payload,
+    inference_precision,
     score_viewers,
 )
 
@@ -163,7 +165,7 @@ def in_process(payload: dict[str, Any], path: Path, batch_size: int) -> tuple[to
     for rb in table.to_batches(max_chunksize=batch_size):
         inputs = arrow_inputs(rb, scorer.seq_len, scorer.n_pp)
         with torch.inference_mode():
-            states.append(scorer.model.encode(scorer.tensors(inputs))[0][:, -1].clone())
+            states.append(scorer.model.encode(scorer.tensors(inputs))[0][:, -1].float())
         t0 = time.perf_counter()
         scorer.score(inputs)
         t_full += time.perf_counter() - t0
@@ -205,7 +207,8 @@ def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool) -> list[di
     small, large = (20_000, 80_000) if quick else (100_000, 400_000)
     seq_len, k, batch_size = int(cfg["features.seq_len"]), int(cfg["score.top_k"]), int(cfg["score.batch_size"])
     champion, cands, vocab = champion_and_candidates(cfg)
-    payload, _ = build_payload(champion, cands, vocab, k)
+    precision = inference_precision(cfg["score.precision"])
+    payload, _ = build_payload(champion, cands, vocab, k, precision)
     bc = spark.sparkContext.broadcast(payload)
     try:
         paths = {n: write_viewers(workdir / f"viewers_{n}", n, seq_len, seed=n) for n in (2_000, small, large)}
@@ -223,7 +226,7 @@ def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool) -> list[di
     als_s = time_als(spark, cfg, large, n_cand, k, workdir)
     scaling = (large / small) / (ours[large] / ours[small])
     common = {"n_viewers": large, "n_candidates": n_cand, "k": k, "d_model": int(cfg["model.d_model"]),
-              "seq_len": seq_len, "spark_master": spark.sparkContext.master}
+              "seq_len": seq_len, "precision": precision, "spark_master": spark.sparkContext.master}
     return [
         {"name": "score", "ours_s": ours[large],
          "reference": f"torch matmul+topk, 1 process ({large} viewers x {n_cand} candidates, d={common['d_model']})",

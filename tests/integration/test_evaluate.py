@@ -154,7 +154,7 @@ def vocab_table_rows(day: dt.date) -> list[dict]:
     return [{"kind": k, "token": t, "idx": i, "as_of_date": day} for k, m in vocab_of(day).items() for t, i in m.items()]
 
 
-SMALL = {"train.max_epochs": 2, "train.batch_size": 64, "model.d_model": 16, "model.n_layers": 1,
+SMALL = {"score.precision": "bf16", "train.max_epochs": 2, "train.batch_size": 64, "model.d_model": 16, "model.n_layers": 1,
          "model.num_negatives": 30, "features.seq_len": L, "evaluate.als_rank": 8, "evaluate.als_max_iter": 5}
 
 
@@ -214,6 +214,27 @@ def test_challenger_figures_match_the_training_protocol(world, tmp_path):
                 "intent_ece", "intent_precision", "intent_recall", "intent_f1"):
         assert 0.0 <= got[key] <= (1.0 if key != "intent_logloss" else 5.0), key
     assert got["ndcg_at_5"] <= got["ndcg_at_10"] <= got["ndcg_at_20"]
+
+
+def test_served_figures_are_the_bf16_scoring(world, tmp_path):
+    """score.precision = bf16: served_* are the challenger scored as the score stage serves it;
+    the float32 figures (the training protocol's) are untouched and the loaded model stays float32."""
+    import torch
+
+    ctx, res = world["ctx"], world["result"]
+    got = res["results"]["challenger"]
+    lm = download_model(by_alias(world["conf"], CHALLENGER), str(tmp_path / "m"))
+    h, vocab = load_holdout(ctx, D), load_vocab(ctx, D)
+    fp32, bf16 = score_model(lm, h, vocab), score_model(lm, h, vocab, "bf16")
+    assert next(lm.net.parameters()).dtype == torch.float32  # the pyfunc's network was copied, not cast
+    assert got["ndcg_at_10"] == pytest.approx(_ndcg_hr_auc(fp32)[0], abs=1e-9)
+    ndcg, hr, _ = _ndcg_hr_auc(bf16)
+    assert (got["served_ndcg_at_10"], got["served_hr_at_10"]) == (pytest.approx(ndcg, abs=1e-9), pytest.approx(hr, abs=1e-9))
+    assert got["served_intent_auc"] == pytest.approx(M.auc(bf16.labels, bf16.probs), abs=1e-9)
+    assert abs(got["served_ndcg_at_10"] - got["ndcg_at_10"]) <= 0.05
+    run = client(world["conf"]).get_run(res["mlflow_run_id"])
+    assert run.data.tags["evaluate.served_precision"] == "bf16"
+    assert run.data.metrics["served_ndcg_at_10"] == pytest.approx(got["served_ndcg_at_10"])
 
 
 def test_most_popular_exact(world):

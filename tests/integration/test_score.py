@@ -197,7 +197,8 @@ def snapshot(ctx: Context, day: dt.date) -> dict[str, list[dict]]:
 def world(spark, base_conf, tmp_path_factory):
     root = tmp_path_factory.mktemp("score")
     conf = base_conf.with_overrides({"warehouse.root": str(root / "warehouse"), "landing.root": str(root / "landing"),
-                                     "score.top_k": K, "score.batch_size": 3})
+                                     "score.top_k": K, "score.batch_size": 3,
+                                     "score.precision": "fp32"})  # exact agreement with the float32 reference below
     write_world(spark, conf, with_features_of=[D], schedule_days=[D1])
     version, model = register_champion(conf, root / "model")
     ctx = Context(conf)
@@ -219,7 +220,7 @@ def test_every_active_viewer_once_with_contiguous_ranks(world):
     assert all(sorted(v) == list(range(1, K + 1)) for v in ranks.values())
     result = world["result"]
     assert result["viewers"] == 8 and result["cold_start_viewers"] == 2 and result["candidates"] == 6
-    assert result["new_products"] == 2 and result["ranking_rows"] == 8 * K
+    assert result["new_products"] == 2 and result["ranking_rows"] == 8 * K and result["precision"] == "fp32"
 
 
 def test_products_are_on_tomorrows_streams_at_their_earliest_slot(world):

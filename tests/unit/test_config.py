@@ -24,6 +24,7 @@ def test_cluster_example_is_valid():
     cfg = load_config("conf/cluster.yaml", env={})
     assert cfg["delta.engine"] == "spark"
     assert cfg["spark.extra"]["spark.executor.resource.gpu.amount"] == "1"
+    assert cfg["score.precision"] == "fp32"  # the driver cannot see the executors' CPUs
 
 
 @pytest.mark.parametrize(
@@ -34,6 +35,7 @@ def test_cluster_example_is_valid():
         ("train.lr=fast", "'train.lr' (--set train.lr): expected a number"),
         ("score.top_k=1.5", "'score.top_k' (--set score.top_k): expected an integer"),
         ("delta.engine=duckdb", "'delta.engine': expected one of auto, spark, rs"),
+        ("score.precision=fp16", "'score.precision': expected one of auto, fp32, bf16"),
         ("noequals", "expected key=value"),
     ],
 )
