@@ -79,6 +79,7 @@ class Config:
         schema = _load_yaml(DEFAULT_CONF)
         for key, value in overrides.items():
             _set_checked(data, schema, key, value, origin="override")
+        _check_choices(data)
         return Config(data, self.source)
 
     # Derived locations, one place so every stage agrees.
@@ -216,10 +217,17 @@ def load_config(
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set spark.master=local[2]")
         key, value = item.split("=", 1)
         _set_checked(data, schema, key.strip(), value, origin=f"--set {key.strip()}")
-    engine = data["delta"]["engine"]
-    if engine not in ("auto", "spark", "rs"):
-        raise ConfigError(f"config key 'delta.engine': expected one of auto, spark, rs, got {engine!r}")
-    precision = data["score"]["precision"]
-    if str(precision).strip().lower() not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"config key 'score.precision': expected one of auto, fp32, bf16, got {precision!r}")
+    _check_choices(data)
     return Config(data, source)
+
+
+#: Settings whose value is one of a few words.
+CHOICES = {"delta.engine": ("auto", "spark", "rs"), "score.precision": ("auto", "fp32", "bf16")}
+
+
+def _check_choices(data: Mapping[str, Any]) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = data[section][name]
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r}: expected one of {', '.join(allowed)}, got {value!r}")

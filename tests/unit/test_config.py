@@ -45,6 +45,15 @@ def test_bad_override_names_key(override, needle):
     assert needle in str(err.value)
 
 
+def test_with_overrides_checks_choices_too():
+    """Stages and tests derive configs with with_overrides: a bad word must not slip through there."""
+    base = load_config(None, env={})
+    assert base.with_overrides({"score.precision": "bf16"})["score.precision"] == "bf16"
+    for key, value in (("score.precision", "fp16"), ("delta.engine", "duckdb")):
+        with pytest.raises(ConfigError, match=f"'{key}': expected one of"):
+            base.with_overrides({key: value})
+
+
 def test_bad_env_and_file(tmp_path):
     with pytest.raises(ConfigError, match="env STREAMRANK_SCORE__TOP_K"):
         load_config(None, env={"STREAMRANK_SCORE__TOP_K": "many"})
