@@ -90,7 +90,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from streamrank.config import parse_date
+from streamrank.config import CHOICES, parse_date
 from streamrank.context import Context, PhaseTimer, stage_run
 from streamrank.errors import ConfigError, MissingInputError, NoChampionError
 from streamrank.features import first_slots, hour_token, price_thresholds
@@ -139,7 +139,7 @@ def inference_precision(value: str) -> str:
     if name == "auto":
         return "bf16" if native_bf16() else "fp32"
     if name not in PRECISIONS:
-        raise ConfigError(f"config key 'score.precision': expected one of auto, fp32, bf16, got {value!r}")
+        raise ConfigError(f"config key 'score.precision': expected one of {', '.join(CHOICES['score.precision'])}, got {value!r}")
     return name
 
 POPULAR_EVENTS = ("add_to_cart", "purchase")
