@@ -297,6 +297,40 @@ def test_stream_context_enters_scores_consistently():
         assert torch.equal(plain(batch, compute_loss=False)["rank_logits"], plain(bare, compute_loss=False)["rank_logits"])
 
 
+@pytest.mark.parametrize("n_hosts", [0, 9])
+def test_inference_encode_equals_the_module_by_module_encode(n_hosts):
+    """Without autograd, encode sums the embeddings in one embedding_bag and carries the mask
+    in the key ages; it must give the training path's outputs, cold starts included."""
+    cfg = small_cfg(n_hosts=n_hosts)
+    torch.manual_seed(7)
+    model = StreamRankModel(cfg, product_category=product_category()).eval()
+    with torch.no_grad():  # trained-looking rates: one type decays fast, one barely at all
+        for block in model.blocks:
+            block.decay_raw[:, 3] = softplus_inverse(2.0)
+            block.decay_raw[:, 4] = -200.0  # softplus underflows to 0: -0 * inf would be NaN
+    batch = random_batch(cfg, b=8, seed=4)
+    batch["hist_event"][batch["hist_product"] > 0] = torch.tensor([3, 4])[batch["hist_product"][batch["hist_product"] > 0] % 2]
+    if n_hosts:
+        batch = with_context(batch, n_hosts)
+    with torch.enable_grad():
+        modules, attn_modules = model.encode(batch, return_attn=True)
+    with torch.no_grad():
+        fused, attn_fused = model.encode(batch, return_attn=True)
+        plain, _ = model.encode(batch)
+    assert torch.isfinite(fused).all()
+    assert torch.allclose(fused, modules.detach(), atol=1e-5, rtol=0)
+    assert torch.allclose(plain, fused, atol=1e-5, rtol=0)  # SDPA and the explicit softmax agree
+    for a, b in zip(attn_fused, attn_modules, strict=True):
+        assert torch.allclose(a, b.detach(), atol=1e-6, rtol=0)
+        assert torch.equal(a == 0, b.detach() == 0)  # the same keys are masked out
+    # the training path still gets finite gradients for every decay rate through the mask
+    model.train()
+    out = model(batch)
+    out["loss"].backward()
+    for block in model.blocks:
+        assert torch.isfinite(block.decay_raw.grad).all()
+
+
 def test_learns_which_host_a_viewer_buys_from():
     """The bought candidate is the one shown by the viewer's host: only stream context can tell.
 
