@@ -405,5 +405,17 @@ def test_deterministic_topk_breaks_ties_by_index():
     assert idx.shape == (2, 5) and idx[1].tolist() == [0, 1, 2, 3, 4]
 
 
+def test_deterministic_topk_equals_a_stable_full_sort():
+    """Whatever the ties (few distinct scores, k below, at or above the row length), the
+    result is the first k of a stable descending sort: the same rows every night."""
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(200):
+        n, rows, k = (int(torch.randint(lo, hi, (), generator=gen)) for lo, hi in ((1, 40), (1, 20), (1, 45)))
+        scores = torch.randint(0, 6, (rows, n), generator=gen).float()
+        vals, idx = deterministic_topk(scores, k)
+        s_vals, s_idx = torch.sort(scores, dim=1, descending=True, stable=True)
+        assert torch.equal(idx, s_idx[:, :k]) and torch.equal(vals, s_vals[:, :k]), (scores, k)
+
+
 def test_missing_input_error_is_exit_5():
     assert MissingInputError.exit_code == 5 and NoChampionError.exit_code == 5
