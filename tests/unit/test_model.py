@@ -331,6 +331,23 @@ def test_inference_encode_equals_the_module_by_module_encode(n_hosts):
         assert torch.isfinite(block.decay_raw.grad).all()
 
 
+def test_intent_from_precomputed_candidate_vectors_is_the_same():
+    """The scorer hands the intent head its nightly candidate vectors (gathered per viewer)
+    instead of ids; chunk by chunk the result must be the per-pair computation's, bit for bit."""
+    cfg = small_cfg(n_hosts=9, intent_chunk=3)
+    torch.manual_seed(8)
+    model = StreamRankModel(cfg, product_category=product_category()).eval()
+    batch = with_context(random_batch(cfg, b=6, n_cands=8), cfg.n_hosts)
+    ids, host, hour = batch["cand_products"], batch["cand_host"], batch["cand_hour"]
+    with torch.no_grad():
+        h, _ = model.encode(batch)
+        by_ids = model._intent_from_encoded(h, batch, ids, host, hour)
+        by_vecs = model._intent_from_encoded(h, batch, ids, host, hour, cand_vecs=model.cand_vec(ids, host, hour))
+        wrong = model._intent_from_encoded(h, batch, ids, host, hour, cand_vecs=model.cand_vec(ids.roll(1, dims=1), host, hour))
+    assert torch.equal(by_ids[0], by_vecs[0]) and torch.equal(by_ids[1], by_vecs[1])
+    assert not torch.allclose(by_ids[0], wrong[0])  # the vectors, not the ids, decide
+
+
 def test_learns_which_host_a_viewer_buys_from():
     """The bought candidate is the one shown by the viewer's host: only stream context can tell.
 
