@@ -76,6 +76,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from streamrank.errors import MissingInputError, StreamrankError
+from streamrank.spark import session_settings
 
 if TYPE_CHECKING:
     from streamrank.config import Config
@@ -606,7 +607,7 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
         run.metrics["data_docs"] = [r.data_docs for r in reports]
         record_and_gate(reports, ctx.table("ops/dq_results"), run_id, STAGE, day)
 
-        with phases("publish"):
+        with phases("publish"), session_settings(spark, unsorted_partition_writes(rules)):
             # Each table is replaced atomically for this ingest date only (other ingest dates,
             # including other rows of the same event_date partitions, are untouched).
             commit = {"stage": STAGE, "run_id": run_id, "ingest_date": day.isoformat()}
@@ -620,6 +621,22 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
     finally:
         for df in cached:
             release(df)
+
+
+def unsorted_partition_writes(rules: CleanRules) -> dict[str, str]:
+    """Session settings that let the silver write skip its sort by event_date.
+
+    Spark plans a sort of every row by the partition columns before a partitioned write
+    (planned writes), so that one file is open at a time. A day's rows only span the
+    event dates from D - max_lateness_days to D + 1 (the rest are quarantined), so each
+    task can keep one file per date open instead: no sort of the ~1M rows, ~15 % of the
+    publish phase at scale 1 (bench_clean). More dates than that in one task would make
+    Spark fall back to sorting, never fail.
+    """
+    return {
+        "spark.sql.optimizer.plannedWrite.enabled": "false",
+        "spark.sql.maxConcurrentOutputFileWriters": str(rules.max_lateness_days + 2),
+    }
 
 
 def materialise(df: DataFrame) -> DataFrame:

@@ -142,6 +142,7 @@ from streamrank.context import Context, StageRun, stage_run
 from streamrank.delta import DeltaTable, InjectedFault, arrow_schema
 from streamrank.errors import MissingInputError, StreamrankError
 from streamrank.schemas import table_spec
+from streamrank.spark import session_settings
 
 log = logging.getLogger(__name__)
 
@@ -466,32 +467,18 @@ def _file_per_partition(spark: SparkSession) -> Iterator[None]:
     """While active, every file a scan reads is one unsplit partition of its own.
 
     The settings are read when a query is planned and run, so the writes that use the
-    frames happen inside this block too; the previous values are restored after. Session
-    settings that are not spark.* reach the Hadoop conf of the writes, so the Parquet
-    per-column options set here apply to the bronze writes only.
+    frames happen inside this block too; the previous values are restored after. The
+    Parquet per-column options set here apply to the bronze writes only.
     """
-    settings: dict[str, str | None] = {
+    with session_settings(spark, {
         "spark.sql.files.maxPartitionBytes": str(_HUGE),
         "spark.sql.files.openCostInBytes": str(_HUGE),
         "spark.sql.files.maxPartitionNum": None,  # a cap would coalesce files
         # Parquet dictionaries for (nearly) unique columns cost CPU and save nothing: the
         # writer builds one until it overflows and falls back. About 15% of the write.
         **{f"parquet.enable.dictionary#{c}": "false" for c in _NO_DICTIONARY},
-    }
-    saved = {key: spark.conf.get(key, None) for key in settings}
-
-    def apply(values: dict[str, str | None]) -> None:
-        for key, value in values.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
-
-    try:
-        apply(settings)
+    }):
         yield
-    finally:
-        apply(saved)
 
 
 def _lines(spark: SparkSession, files: Sequence[LandingFile]) -> DataFrame:

@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -118,3 +120,27 @@ def delta_classes_loaded(spark: SparkSession) -> bool:
         return True
     except Exception:  # noqa: BLE001 - py4j wraps ClassNotFoundException
         return False
+
+
+@contextmanager
+def session_settings(spark: SparkSession, settings: Mapping[str, str | None]) -> Iterator[None]:
+    """Session settings for the queries planned AND run inside the block (None unsets one);
+    the previous values come back after, so one stage's tuning never leaks into the next.
+
+    Session settings that are not spark.* reach the Hadoop conf of writes, so Parquet
+    writer options (e.g. per-column dictionaries) can be scoped this way too.
+    """
+    saved = {key: spark.conf.get(key, None) for key in settings}
+
+    def apply(values: Mapping[str, str | None]) -> None:
+        for key, value in values.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
+
+    try:
+        apply(settings)
+        yield
+    finally:
+        apply(saved)
