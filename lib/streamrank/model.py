@@ -178,16 +178,16 @@ class DecayAttentionBlock(nn.Module):
         """lambda[h, event_type] > 0, per hour."""
         return F.softplus(self.decay_raw)
 
-    def attn_bias(self, age: Tensor, event: Tensor, allowed: Tensor | None = None) -> Tensor:
+    def attn_bias(self, age: Tensor, event: Tensor, allowed: Tensor | None) -> Tensor:
         """Additive attention bias [B, H, L, L]: time decay where allowed, -inf elsewhere.
 
-        ``age`` [B, Lq, Lk] (see `masked_key_ages`) is shared by every block: only the rates
-        differ. The mask normally rides in ``age`` as +inf, so the bias needs no copy-and-fill
-        of a [B, H, L, L] tensor per block (``-lambda * inf = -inf``; the rates are floored at
-        the dtype's smallest normal number so this can never be ``0 * inf``); passing
-        ``allowed`` with unmasked `key_ages` gives the same bias the long way. The bias is
-        built in age's dtype, the activations' (bf16 when scoring in bf16), so no [B, H, L, L]
-        tensor is converted afterwards.
+        ``age`` [B, Lq, Lk] is shared by every block: only the rates differ. Without autograd
+        it is `masked_key_ages` (+inf where not allowed) and ``allowed`` is None, so the bias
+        needs no copy-and-fill of a [B, H, L, L] tensor per block (``-lambda * inf = -inf``;
+        the rates are floored at the dtype's smallest normal number, so never ``0 * inf``).
+        With autograd it is `key_ages` and ``allowed`` masks it, keeping the infinity out of
+        the rates' gradients. The bias is built in age's dtype, the activations' (bf16 when
+        scoring in bf16), so no [B, H, L, L] tensor is converted afterwards.
         """
         lam = self.decay_rates()[:, event].to(age.dtype)  # [H, B, L] rates of the key events
         lam = lam.clamp_min(torch.finfo(age.dtype).tiny).permute(1, 0, 2).unsqueeze(2)  # [B, H, 1, L]
