@@ -13,6 +13,10 @@ same whichever engine runs underneath:
   commit leaves only files no snapshot references; `vacuum` removes them. Data never
   passes through the driver: only file paths, footers and partition values do.
 
+`stage_overwrite` splits a write in two (write, audit, publish): the files are written
+now and the returned `StagedWrite` commits or discards them later, so a stage can validate
+its output while the files are being written and still publish nothing if the audit fails.
+
 Either way the tables are plain Delta that delta-spark, delta-rs, DuckDB or polars read.
 """
 
@@ -26,7 +30,7 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +69,45 @@ class CommitResult:
     rows_added: int
     files_added: int
     files_removed: int
+
+
+class StagedWrite:
+    """A write whose files exist but which no reader sees until `commit`.
+
+    Returned by `DeltaTable.stage_overwrite`. Exactly one of `commit` or `discard` takes
+    effect; the other, and any repeat, does nothing (so an error path may discard every
+    staged write without knowing which were already committed). On the rs engine the
+    Parquet files are already in the table's directories, unreferenced; on the spark
+    engine delta-spark has no uncommitted files to offer, so the whole write runs at commit.
+    """
+
+    def __init__(self, table: str, rows: int, commit: Callable[[], CommitResult], discard: Callable[[], None]) -> None:
+        self.table = table
+        self.rows = rows  # rows in the staged files; -1 when the engine writes at commit
+        self._commit, self._discard = commit, discard
+        self.state = "staged"
+
+    def __repr__(self) -> str:
+        return f"StagedWrite({self.table!r}, rows={self.rows}, {self.state})"
+
+    def commit(self) -> CommitResult:
+        """Make the staged files the table's new version (one Delta commit)."""
+        if self.state != "staged":
+            raise StreamrankError(f"staged write to {self.table} is already {self.state}")
+        self.state = "committing"
+        try:
+            result = self._commit()
+        except BaseException:
+            self.state = "discarded"  # the commit removed its files on the way out
+            raise
+        self.state = "committed"
+        return result
+
+    def discard(self) -> None:
+        """Delete the staged files; the table is left exactly as it was."""
+        if self.state == "staged":
+            self.state = "discarded"
+            self._discard()
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,6 +380,18 @@ class DeltaTable:
         """
         return self._write(df, mode="overwrite", where=where, evolve=evolve, commit_info=commit_info, txn=txn)
 
+    def stage_overwrite(self, df: DataFrame, where: Where | None = None, *, commit_info: Mapping[str, Any] | None = None,
+                        txn: tuple[str, int] | None = None) -> StagedWrite:
+        """`overwrite`, with the files written now and the commit left to the caller.
+
+        Why: a stage that must validate its output before publishing it can write the
+        files while it validates (the Spark write and the audit overlap) and then commit,
+        or discard and leave the table untouched. The commit replaces what `where`
+        matched in the snapshot read here; another writer committing to the same rows in
+        between makes the commit fail rather than lose that writer's data.
+        """
+        return self._stage(df, mode="overwrite", where=where, evolve=False, commit_info=commit_info, txn=txn)
+
     def merge(self, df: DataFrame, keys: Sequence[str], *, commit_info: Mapping[str, Any] | None = None) -> CommitResult:
         """Upsert `df` on `keys`: matching rows are replaced, new rows inserted.
 
@@ -371,7 +426,7 @@ class DeltaTable:
             merged = current.join(df.select(*keys), on=[current[k].eqNullSafe(df[k]) for k in keys], how="left_anti").unionByName(df)
         else:
             merged = df
-        return self._rs_commit_frame(snapshot, merged, removes=touched, commit_info=commit_info, operation="MERGE")
+        return self._rs_stage(snapshot, merged, removes=touched, commit_info=commit_info, operation="MERGE").commit()
 
     def append_rows(self, rows: Iterable[Mapping[str, Any]], *, commit_info: Mapping[str, Any] | None = None) -> int:
         """Append a handful of Python rows (ops tables) without a Spark job on the rs engine."""
@@ -426,6 +481,10 @@ class DeltaTable:
     # -- internals ----------------------------------------------------------------------
     def _write(self, df: DataFrame, mode: str, where: Where | None, evolve: bool,
                commit_info: Mapping[str, Any] | None, txn: tuple[str, int] | None) -> CommitResult:
+        return self._stage(df, mode, where, evolve, commit_info, txn).commit()
+
+    def _stage(self, df: DataFrame, mode: str, where: Where | None, evolve: bool,
+               commit_info: Mapping[str, Any] | None, txn: tuple[str, int] | None) -> StagedWrite:
         self._require()
         self.upgrade_schema()
         extra = [c for c in df.columns if c not in self.spec.schema.fieldNames()]
@@ -434,7 +493,8 @@ class DeltaTable:
             self._add_columns(df.schema, extra)
             df = df.select(*self.spec.schema.fieldNames())
         if self.engine == "spark":
-            return self._spark_write(df, mode, where, evolve, commit_info, txn)
+            return StagedWrite(self.spec.name, -1, lambda: self._spark_write(df, mode, where, evolve, commit_info, txn),
+                               lambda: None)
         snapshot = self._snapshot()
         removes: list[tuple[str, dict[str, str | None]]] = []
         frame = df
@@ -448,9 +508,9 @@ class DeltaTable:
                 )
                 frame = df.unionByName(kept, allowMissingColumns=evolve)
                 removes = removes + rewrite
-        return self._rs_commit_frame(snapshot, frame, removes=removes, commit_info=commit_info, txn=txn,
-                                     operation="WRITE" if mode == "append" else "REPLACE",
-                                     check=(df, where) if where else None)
+        return self._rs_stage(snapshot, frame, removes=removes, commit_info=commit_info, txn=txn,
+                              operation="WRITE" if mode == "append" else "REPLACE",
+                              check=(df, where) if where else None)
 
     def _add_columns(self, schema: T.StructType, extra: list[str]) -> None:
         """Columns a write brings beyond the schema file (``evolve=True``): the spark engine adds
@@ -512,41 +572,54 @@ class DeltaTable:
             out[str(self.path / unquote(rel))] = cols
         return out
 
-    def _rs_commit_frame(self, snapshot: deltalake.DeltaTable, frame: DataFrame,
-                         removes: list[tuple[str, dict[str, str | None]]], commit_info: Mapping[str, Any] | None,
-                         operation: str, txn: tuple[str, int] | None = None,
-                         check: tuple[DataFrame, Where] | None = None) -> CommitResult:
+    def _rs_stage(self, snapshot: deltalake.DeltaTable, frame: DataFrame,
+                  removes: list[tuple[str, dict[str, str | None]]], commit_info: Mapping[str, Any] | None,
+                  operation: str, txn: tuple[str, int] | None = None,
+                  check: tuple[DataFrame, Where] | None = None) -> StagedWrite:
+        """Write `frame`'s files (uncommitted) and return the commit of them against `snapshot`."""
         adds, rows = self._stage_files(frame)
+
+        def unlink() -> None:  # never leave visible-looking debris behind a failed commit
+            for add in adds:
+                Path(self.path, add.path).unlink(missing_ok=True)
+
         try:
             if check:
                 self._check_rows_match(check[0], adds, check[1])
-            _maybe_inject_fault(self.spec.name)
-            now = int(time.time() * 1000)
-            remove_actions = [
-                deltalake.transaction.RemoveAction(
-                    path=os.path.relpath(p, self.path), data_change=True, deletion_timestamp=now,
-                    partition_values=parts or None, size=os.path.getsize(p) if os.path.exists(p) else None,
-                )
-                for p, parts in removes
-            ]
-            commit_id = uuid.uuid4().hex
-            props = CommitProperties(
-                custom_metadata={**_commit_metadata(commit_info, operation), "streamrank.commit_id": commit_id},
-                max_commit_retries=50,
-                app_transactions=[deltalake.transaction.Transaction(txn[0], txn[1], now)] if txn else None,
-            )
-            if not adds and not remove_actions and not txn:
-                return CommitResult(snapshot.version(), 0, 0, 0)
-            snapshot.create_write_transaction(
-                actions=adds + remove_actions, mode="append", schema=snapshot.schema(),
-                partition_by=list(self.spec.partition_by) or None, commit_properties=props,
-            )
         except BaseException:
-            for add in adds:  # never leave visible-looking debris behind a failed commit
-                Path(self.path, add.path).unlink(missing_ok=True)
+            unlink()
             raise
-        version = _committed_version(self.uri, commit_id, snapshot.version() + 1)
-        return CommitResult(version, rows, len(adds), len(remove_actions))
+
+        def commit() -> CommitResult:
+            try:
+                _maybe_inject_fault(self.spec.name)
+                now = int(time.time() * 1000)
+                remove_actions = [
+                    deltalake.transaction.RemoveAction(
+                        path=os.path.relpath(p, self.path), data_change=True, deletion_timestamp=now,
+                        partition_values=parts or None, size=os.path.getsize(p) if os.path.exists(p) else None,
+                    )
+                    for p, parts in removes
+                ]
+                commit_id = uuid.uuid4().hex
+                props = CommitProperties(
+                    custom_metadata={**_commit_metadata(commit_info, operation), "streamrank.commit_id": commit_id},
+                    max_commit_retries=50,
+                    app_transactions=[deltalake.transaction.Transaction(txn[0], txn[1], now)] if txn else None,
+                )
+                if not adds and not remove_actions and not txn:
+                    return CommitResult(snapshot.version(), 0, 0, 0)
+                snapshot.create_write_transaction(
+                    actions=adds + remove_actions, mode="append", schema=snapshot.schema(),
+                    partition_by=list(self.spec.partition_by) or None, commit_properties=props,
+                )
+            except BaseException:
+                unlink()
+                raise
+            version = _committed_version(self.uri, commit_id, snapshot.version() + 1)
+            return CommitResult(version, rows, len(adds), len(remove_actions))
+
+        return StagedWrite(self.spec.name, rows, commit, unlink)
 
     def _check_rows_match(self, new_rows: DataFrame, adds: list[AddAction], where: Where) -> None:
         """Delta's replaceWhere contract: every new row matches the predicate.

@@ -33,7 +33,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 SUITE_DIR = SCHEMA_DIR / "expectations"
 SEVERITIES = ("critical", "warning")
 DATASOURCE_NAME = "streamrank_spark"
+PANDAS_DATASOURCE_NAME = "streamrank_pandas"  # small frames a stage builds in Python
 BATCH_DEFINITION_NAME = "whole_dataframe"
 SITE_NAME = "streamrank"
 # Pass 1 asks GX for unexpected counts only: a sample of offending values costs one more
@@ -303,13 +304,18 @@ def validate(
     docs_root: Path,
     run_name: str,
     parameters: dict[str, Any] | None = None,
+    on_computed: Callable[[list[ExpectationOutcome]], None] | None = None,
 ) -> ValidationReport:
     """Validate `df` against suite `suite_name` and publish the result to the data docs.
 
-    The caller caches `df` first: GX runs a handful of Spark jobs over it. `parameters`
+    `df` is a Spark frame, which the caller caches first (GX runs a handful of Spark
+    jobs over it), or a small pandas frame, which GX checks in Python. `parameters`
     fills the suite's `$PARAMETER` references; a missing one is a ConfigError, because a
     suite whose threshold is unknown cannot say whether the data is good. Extra
     parameters are ignored so a stage can pass one dict to several suites.
+    `on_computed` gets the outcomes as soon as GX's Spark jobs are done, before the data
+    docs are rendered (pure Python, about half a second): a stage can start its own
+    Spark work there and have the rendering overlap it.
     """
     suite_doc = load_suite(suite_name)
     params = {k: _json_value(k, v) for k, v in (parameters or {}).items()}
@@ -323,7 +329,7 @@ def validate(
     with _LOCK, _quiet():
         gx = _gx()
         context = _context(docs_root)
-        batch = _batch_definition(context, suite_name).get_batch(batch_parameters={"dataframe": df})
+        batch = _batch_definition(context, suite_name, pandas=_is_pandas(df)).get_batch(batch_parameters={"dataframe": df})
         entries = list(enumerate(suite_doc["expectations"]))
         started = time.perf_counter()
         # One batch.validate for the whole suite: GX plans all metrics together and
@@ -340,6 +346,8 @@ def validate(
             result.results = [by_index.get(_result_index(r), r) for r in result.results]
         elapsed = time.perf_counter() - started
         outcomes = _outcomes(suite_name, suite_doc, result, params)
+        if on_computed is not None:
+            on_computed(outcomes)
         page = _publish(context, suite, result, run_name, docs_root, params, outcomes)
     report = ValidationReport(suite=suite_name, outcomes=outcomes, data_docs=page)
     log.info("%s (%.1fs) data docs: %s", report.summary(), elapsed, page or "not built")
@@ -459,16 +467,24 @@ def _context(docs_root: Path) -> Any:
     return context
 
 
-def _batch_definition(context: Any, suite_name: str) -> Any:
+def _is_pandas(df: Any) -> bool:
+    import pandas as pd
+
+    return isinstance(df, pd.DataFrame)
+
+
+def _batch_definition(context: Any, suite_name: str, pandas: bool = False) -> Any:
     """The whole-dataframe batch definition of the asset named after the suite.
 
     persist=False: the stage has already cached the frame and owns its lifetime; GX's
-    default would persist it again and never unpersist.
+    default would persist it again and never unpersist. Pandas frames get their own
+    data source, as GX binds an asset to one engine.
     """
+    name = PANDAS_DATASOURCE_NAME if pandas else DATASOURCE_NAME
     try:
-        source = context.data_sources.get(DATASOURCE_NAME)
+        source = context.data_sources.get(name)
     except Exception:  # noqa: BLE001 - GX raises a KeyError subclass or its own error
-        source = context.data_sources.add_spark(name=DATASOURCE_NAME, persist=False)
+        source = context.data_sources.add_pandas(name=name) if pandas else context.data_sources.add_spark(name=name, persist=False)
     try:
         asset = source.get_asset(suite_name)
     except LookupError:

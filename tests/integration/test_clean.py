@@ -126,10 +126,16 @@ def test_conservation_violation_publishes_nothing(world, monkeypatch):
     real = clean_mod.partition_rows
     # the Delta log claims one row more than the pipeline accounts for
     monkeypatch.setattr(clean_mod, "partition_rows", lambda t, v, c, d: real(t, v, c, d) + (c == "ingest_date"))
+    files = _parquet_files(silver_t, quarantine_t)
     with pytest.raises(StreamrankError, match="conservation violated") as err:
         clean(ctx, D1)
     assert err.value.exit_code == 1
     assert (silver_t.version(), quarantine_t.version()) == versions
+    assert _parquet_files(silver_t, quarantine_t) == files  # the staged files were deleted, not left as orphans
+
+
+def _parquet_files(*tables) -> list[Path]:
+    return sorted(p for t in tables for p in Path(t.uri).rglob("*.parquet"))
 
 
 def _bronze_row(i: int, viewer: str, ts: str, event_type: str = "view_product", **over: Any) -> dict[str, Any]:
@@ -258,12 +264,14 @@ def test_garbage_day_trips_the_gate(spark, conf, capsys):
     _catalog(ctx, spark, D1)
     silver_t, quarantine_t = ctx.table("silver/viewer_events"), ctx.table("silver/quarantine")
     versions = (silver_t.version(), quarantine_t.version())
+    files = _parquet_files(silver_t, quarantine_t)
     capsys.readouterr()
     rc = main(["clean", "--date", D1.isoformat(), "--set", f"warehouse.root={conf.warehouse}",
                "--set", f"landing.root={conf.landing}", "--set", "delta.engine=rs"])
     err = capsys.readouterr().err
     assert rc == 3, err
     assert (silver_t.version(), quarantine_t.version()) == versions
+    assert _parquet_files(silver_t, quarantine_t) == files == []  # the 60 good rows were staged, then deleted
     assert "quarantine_ratio" in err
     page = Path(re.search(r"data docs: file://(\S+)", err).group(1))
     html = page.read_text(encoding="utf-8")

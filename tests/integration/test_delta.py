@@ -135,6 +135,33 @@ def test_overwrite_partition_twice_leaves_one_copy(spark, wh):
     assert table.read().count() == 300
 
 
+def test_staged_overwrite_is_invisible_until_commit_and_discard_leaves_no_files(spark, wh):
+    """Write, audit, publish: staged files are on disk, readers see the old version, and
+    a discarded write leaves the table's directory exactly as it was."""
+    table = wh.table("ops/model_eval")
+    table.append(eval_rows(spark, 300))
+    before, on_disk = rows_of(table.read()), sorted(Path(table.uri).rglob("*.parquet"))
+    day2 = eval_rows(spark, 300).filter(F.col("run_date") == D2).withColumn("value", F.lit(7.0))
+
+    staged = table.stage_overwrite(day2, where={"run_date": D2})
+    assert staged.rows == 100 and table.version() == 1
+    assert rows_of(table.read()) == before  # staged files are not in the table
+    assert len(list(Path(table.uri).rglob("*.parquet"))) > len(on_disk)
+    staged.discard()
+    staged.discard()  # a second discard does nothing
+    assert sorted(Path(table.uri).rglob("*.parquet")) == on_disk and table.version() == 1
+    with pytest.raises(StreamrankError, match="already discarded"):
+        staged.commit()
+
+    staged = table.stage_overwrite(day2, where={"run_date": D2}, commit_info={"run_id": "wap"})
+    res = staged.commit()
+    staged.discard()  # after a commit, discard must not touch the committed files
+    assert (res.version, res.rows_added) == (2, 100)
+    assert table.read().filter(F.col("run_date") == D2).agg(F.count("*"), F.min("value")).first() == (100, 7.0)
+    assert table.read().count() == 300
+    assert json.loads(table.history(1)[0]["userMetadata"]) == {"run_id": "wap"}
+
+
 def test_replace_where_on_data_column_rewrites_only_matching_rows(spark, wh):
     table = wh.table("ops/model_eval")
     table.append(eval_rows(spark, 90, run_id="a"))
