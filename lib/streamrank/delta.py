@@ -386,9 +386,9 @@ class DeltaTable:
 
         Why: a stage that must validate its output before publishing it can write the
         files while it validates (the Spark write and the audit overlap) and then commit,
-        or discard and leave the table untouched. The commit replaces what `where`
-        matched in the snapshot read here; another writer committing to the same rows in
-        between makes the commit fail rather than lose that writer's data.
+        or discard and leave the table untouched. As in `overwrite`, the commit removes
+        the files `where` matched in the snapshot read here, so the window in which a
+        concurrent writer could interleave lasts until `commit`: commit soon after.
         """
         return self._stage(df, mode="overwrite", where=where, evolve=False, commit_info=commit_info, txn=txn)
 
