@@ -90,7 +90,7 @@ if TYPE_CHECKING:
     from streamrank.config import Config
     from streamrank.context import Context, PhaseTimer, StageRun
     from streamrank.delta import DeltaTable, StagedWrite
-    from streamrank.quality import ExpectationOutcome
+    from streamrank.quality import ValidationReport
 
 log = logging.getLogger(__name__)
 
@@ -598,8 +598,8 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
         staging: list[Future[StagedWrite]] = []
         with session_settings(spark, unsorted_partition_writes(rules)), ThreadPoolExecutor(max_workers=2) as pool:
 
-            def start_writes(outcomes: Sequence[ExpectationOutcome]) -> None:
-                if not any(o.severity == "critical" and not o.success for o in outcomes):
+            def start_writes(silver_report: ValidationReport) -> None:
+                if silver_report.passed:
                     staging.extend(pool.submit(t.stage_overwrite, df, where={"ingest_date": day}, commit_info=commit)
                                    for t, df in ((silver_t, silver), (quarantine_t, quarantine)))
 
@@ -612,9 +612,9 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
             except BaseException:
                 _discard(staging)
                 raise
-        counts = run.metrics
-        run.message = (f"{bronze_rows} bronze -> {counts['silver_rows']} silver + {counts['quarantined_rows']} quarantined"
-                       f" + {counts['duplicates_dropped']} duplicates")
+        m = run.metrics
+        run.message = (f"{bronze_rows} bronze -> {m['silver_rows']} silver + {m['quarantined_rows']} quarantined"
+                       f" + {m['duplicates_dropped']} duplicates")
         return dict(run.metrics)
     finally:
         for df in cached:
@@ -622,10 +622,10 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
 
 
 def _audit(ctx: Context, day: dt.date, run: StageRun, phases: PhaseTimer, labelled: DataFrame, silver: DataFrame,
-           bronze_rows: int, bot_viewers: int, on_silver_checked: Callable[[Sequence[ExpectationOutcome]], None]) -> None:
+           bronze_rows: int, bot_viewers: int, on_silver_checked: Callable[[ValidationReport], None]) -> None:
     """Conservation, then the GX gate: raises (nothing may be published) unless both pass.
 
-    `on_silver_checked` gets the silver suite's outcomes before its data docs are rendered.
+    `on_silver_checked` gets the silver suite's report before its data docs are rendered.
     """
     from streamrank.quality import record_and_gate, validate
 

@@ -304,7 +304,7 @@ def validate(
     docs_root: Path,
     run_name: str,
     parameters: dict[str, Any] | None = None,
-    on_computed: Callable[[list[ExpectationOutcome]], None] | None = None,
+    on_computed: Callable[[ValidationReport], None] | None = None,
 ) -> ValidationReport:
     """Validate `df` against suite `suite_name` and publish the result to the data docs.
 
@@ -313,9 +313,9 @@ def validate(
     fills the suite's `$PARAMETER` references; a missing one is a ConfigError, because a
     suite whose threshold is unknown cannot say whether the data is good. Extra
     parameters are ignored so a stage can pass one dict to several suites.
-    `on_computed` gets the outcomes as soon as GX's Spark jobs are done, before the data
-    docs are rendered (pure Python, about half a second): a stage can start its own
-    Spark work there and have the rendering overlap it.
+    `on_computed` gets the report (no data-docs page yet) as soon as GX's Spark jobs are
+    done, before the data docs are rendered (pure Python, about half a second): a stage
+    can start its own Spark work there and have the rendering overlap it.
     """
     suite_doc = load_suite(suite_name)
     params = {k: _json_value(k, v) for k, v in (parameters or {}).items()}
@@ -347,7 +347,7 @@ def validate(
         elapsed = time.perf_counter() - started
         outcomes = _outcomes(suite_name, suite_doc, result, params)
         if on_computed is not None:
-            on_computed(outcomes)
+            on_computed(ValidationReport(suite=suite_name, outcomes=outcomes, data_docs=""))
         page = _publish(context, suite, result, run_name, docs_root, params, outcomes)
     report = ValidationReport(suite=suite_name, outcomes=outcomes, data_docs=page)
     log.info("%s (%.1fs) data docs: %s", report.summary(), elapsed, page or "not built")

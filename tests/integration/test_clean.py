@@ -35,7 +35,7 @@ from streamrank.clean import (
     type_events,
 )
 from streamrank.context import Context
-from streamrank.errors import MissingInputError, StreamrankError
+from streamrank.errors import MissingInputError, QualityGateError, StreamrankError
 from streamrank.schemas import table_spec
 
 D1, D2 = dt.date(2026, 3, 1), dt.date(2026, 3, 2)
@@ -132,6 +132,24 @@ def test_conservation_violation_publishes_nothing(world, monkeypatch):
     assert err.value.exit_code == 1
     assert (silver_t.version(), quarantine_t.version()) == versions
     assert _parquet_files(silver_t, quarantine_t) == files  # the staged files were deleted, not left as orphans
+
+
+def test_silver_suite_failure_stages_nothing_and_publishes_nothing(world, monkeypatch):
+    """A critical silver expectation fails (event types outside the set): exit 3 before any
+    file of either table is written, both tables stay at their version."""
+    ctx: Context = world["ctx"]
+    silver_t, quarantine_t = ctx.table("silver/viewer_events"), ctx.table("silver/quarantine")
+    versions, files = (silver_t.version(), quarantine_t.version()), _parquet_files(silver_t, quarantine_t)
+    staged = []
+    real_silver, real_stage = clean_mod.to_silver, type(silver_t).stage_overwrite
+    monkeypatch.setattr(clean_mod, "to_silver", lambda *a: real_silver(*a).withColumn("event_type", F.lit("teleport")))
+    monkeypatch.setattr(type(silver_t), "stage_overwrite", lambda self, *a, **k: staged.append(self) or real_stage(self, *a, **k))
+    with pytest.raises(QualityGateError, match="expect_column_values_to_be_in_set") as err:
+        clean(ctx, D1)
+    assert err.value.exit_code == 3
+    assert staged == []
+    assert (silver_t.version(), quarantine_t.version()) == versions
+    assert _parquet_files(silver_t, quarantine_t) == files
 
 
 def _parquet_files(*tables) -> list[Path]:
