@@ -667,7 +667,7 @@ def _discard(staging: Sequence[Future[StagedWrite]]) -> None:
         try:
             future.result().discard()
         except Exception as exc:  # noqa: BLE001 - the error being raised already says why the stage failed
-            log.warning("clean: a staged write failed too (%s); its files were removed by the write", exc)
+            log.warning("clean: a staged write failed too (%s); what it left is unreferenced and `vacuum` removes it", exc)
 
 
 def unsorted_partition_writes(rules: CleanRules) -> dict[str, str]:
