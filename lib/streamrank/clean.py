@@ -57,7 +57,8 @@ conservation check and GX's jobs have computed the silver suite, the silver and
 quarantine files are written (staged, invisible to readers) in two threads while GX
 renders its data docs and checks the day summary in Python, so the cores are not idle
 while the driver works; the two commits happen only if every check passed, otherwise
-the staged files are deleted. Catalog and schedule ids are collected (one small job) into
+the staged files are deleted. The commits are journaled (publish.py), so a kill between
+them is rolled back by the next stage run. Catalog and schedule ids are collected (one small job) into
 hash-set lookups instead of broadcast joins, sent to the JVM as one parsed IN expression
 (`in_set`), not one py4j literal per id. Phases are timed with time.perf_counter
 into run.metrics["phases_s"].
@@ -84,6 +85,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from streamrank.errors import MissingInputError, StreamrankError
+from streamrank.publish import publish_staged
 from streamrank.spark import session_settings
 
 if TYPE_CHECKING:
@@ -605,10 +607,9 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
 
             try:
                 _audit(ctx, day, run, phases, labelled, silver, bronze_rows, len(bots), start_writes)
-                with phases("publish"):  # waits for the files, then two small commits
+                with phases("publish"):  # waits for the files, then two small commits, journaled as one
                     staged = [f.result() for f in staging]
-                    run.wrote(SILVER, staged[0].commit().version)
-                    run.wrote(QUARANTINE, staged[1].commit().version)
+                    publish_staged(ctx, STAGE, run, list(zip((SILVER, QUARANTINE), staged, strict=True)))
             except BaseException:
                 _discard(staging)
                 raise

@@ -101,6 +101,11 @@ def stage_run(ctx: Context, stage: str, run_date: dt.date) -> Iterator[StageRun]
     t0 = time.perf_counter()
     status, code = "success", 0
     try:
+        from streamrank.publish import recover
+
+        recovered = recover(ctx)  # a killed run's half-published tables go back first (publish.py)
+        if recovered:
+            run.metrics["recovered"] = recovered
         yield run
     except StreamrankError as exc:
         status, code = "failed", exc.exit_code

@@ -468,6 +468,24 @@ class DeltaTable:
                     shutil.rmtree(staging, ignore_errors=True)
         return removed
 
+    def restore(self, version: int, *, commit_info: Mapping[str, Any] | None = None) -> int:
+        """Make the table's content that of `version` again, as one new commit; returns its version.
+
+        History is kept (the undone commits stay readable by time travel), so a restore is
+        itself auditable and can be undone. Needs the files of `version`, which `vacuum`
+        keeps for its retention period.
+        """
+        self._require()
+        if self.engine == "spark":
+            from delta.tables import DeltaTable as SparkDeltaTable
+
+            SparkDeltaTable.forPath(self.spark, self.uri).restoreToVersion(version)
+            return int(self.version() or 0)
+        table = deltalake.DeltaTable(self.uri)
+        table.restore(version, commit_properties=CommitProperties(
+            custom_metadata=_commit_metadata(commit_info, "RESTORE"), max_commit_retries=50))
+        return deltalake.DeltaTable(self.uri).version()
+
     def optimize(self, target_size: int | None = None) -> dict[str, Any]:
         """Compact small files (bin-packing) in one commit; data and version history are kept."""
         self._require()

@@ -62,6 +62,7 @@ from pyspark.sql import functions as F
 from streamrank.config import Config, parse_date
 from streamrank.context import Context, StageRun, stage_run
 from streamrank.errors import ConfigError, MissingInputError
+from streamrank.publish import StagedTables
 
 log = logging.getLogger(__name__)
 
@@ -682,32 +683,32 @@ def build_features(ctx: Context, date: dt.date) -> dict[str, Any]:
             log.warning("features %s: no schedule (bronze/stream_products) for %s: those cutoffs get 0 candidates",
                         date, ", ".join(map(str, missing_sched)))
 
+        # The three tables' files are staged one after another and committed together at
+        # the end (publish.py): a vocabulary never goes out without the examples built on it.
         try:
-            commit = {"stage": "features", "run_id": ctx.run_id, "as_of_date": str(date)}
-            where = {"as_of_date": date}
-            res = ctx.table(VOCAB).overwrite(vocab.coalesce(1), where=where, commit_info=commit)
-            run.wrote(VOCAB, res.version)
+            with StagedTables(ctx, "features", run) as out:
+                commit = {"stage": "features", "run_id": ctx.run_id, "as_of_date": str(date)}
+                where = {"as_of_date": date}
+                out.stage(VOCAB, vocab.coalesce(1), where, commit)
 
-            vf = viewer_features(states, serve_cut, date, params, thresholds)
-            n_viewers = states.filter((F.col("cutoff_us") == serve_cut) & (F.col("n_events") > 0)).count()
-            res = ctx.table(VIEWER_FEATURES).overwrite(vf.repartition(_files_for(n_viewers)), where=where, commit_info=commit)
-            run.wrote(VIEWER_FEATURES, res.version)
+                vf = viewer_features(states, serve_cut, date, params, thresholds)
+                n_viewers = states.filter((F.col("cutoff_us") == serve_cut) & (F.col("n_events") > 0)).count()
+                out.stage(VIEWER_FEATURES, vf.repartition(_files_for(n_viewers)), where, commit)
 
-            te = training_examples(states, train_cuts, schedules, date, params, thresholds)
-            per_cut = (
-                states.filter(F.col("cutoff_us").isin([c for c, _ in train_cuts]) & (F.col("n_hist_7d") > 0))
-                .groupBy("cutoff_us").agg(F.count(F.lit(1)).alias("n"), F.sum("label_purchase").alias("buyers"),
-                                          F.count_if(is_test_viewer(F.col("viewer_id"), params.test_share)).alias("test"))
-                .collect()
-            )
-            split_of = dict(train_cuts)
-            n_train = sum(r["n"] for r in per_cut if split_of[r["cutoff_us"]] == "train")
-            n_test = sum(r["test"] for r in per_cut if split_of[r["cutoff_us"]] == "valid")
-            n_valid = sum(r["n"] for r in per_cut if split_of[r["cutoff_us"]] == "valid") - n_test
-            buyers = sum(r["buyers"] or 0 for r in per_cut)
-            res = ctx.table(TRAINING).overwrite(te.repartition(_files_for(n_train + n_valid + n_test)), where=where,
-                                                commit_info=commit)
-            run.wrote(TRAINING, res.version)
+                te = training_examples(states, train_cuts, schedules, date, params, thresholds)
+                per_cut = (
+                    states.filter(F.col("cutoff_us").isin([c for c, _ in train_cuts]) & (F.col("n_hist_7d") > 0))
+                    .groupBy("cutoff_us").agg(F.count(F.lit(1)).alias("n"), F.sum("label_purchase").alias("buyers"),
+                                              F.count_if(is_test_viewer(F.col("viewer_id"), params.test_share)).alias("test"))
+                    .collect()
+                )
+                split_of = dict(train_cuts)
+                n_train = sum(r["n"] for r in per_cut if split_of[r["cutoff_us"]] == "train")
+                n_test = sum(r["test"] for r in per_cut if split_of[r["cutoff_us"]] == "valid")
+                n_valid = sum(r["n"] for r in per_cut if split_of[r["cutoff_us"]] == "valid") - n_test
+                buyers = sum(r["buyers"] or 0 for r in per_cut)
+                out.stage(TRAINING, te.repartition(_files_for(n_train + n_valid + n_test)), where, commit)
+                out.publish()
         finally:
             for df in (states, schedules, hosts, lookup, vocab, catalog):
                 df.unpersist()

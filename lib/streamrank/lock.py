@@ -19,7 +19,8 @@ from types import TracebackType
 from streamrank.errors import LockHeldError
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one we may not signal counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -60,7 +61,7 @@ class WarehouseLock:
     def _stale(self, info: dict) -> bool:
         if info.get("corrupt"):
             return True
-        return info.get("host") == socket.gethostname() and not _alive(int(info.get("pid", -1)))
+        return info.get("host") == socket.gethostname() and not pid_alive(int(info.get("pid", -1)))
 
     def acquire(self) -> None:
         for _ in range(3):

@@ -102,6 +102,7 @@ from streamrank.model import (
     apply_calibration,
     load_model,
 )
+from streamrank.publish import StagedTables
 
 log = logging.getLogger(__name__)
 
@@ -823,10 +824,10 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
             with phases("publish"):
                 commit = {"stage": STAGE, "run_id": ctx.run_id, "score_date": tomorrow.isoformat(),
                           "model": champion.name, "model_version": champion.version}
-                res = ctx.table(RANKINGS).overwrite(rankings, where={"score_date": tomorrow}, commit_info=commit)
-                run.wrote(RANKINGS, res.version)
-                res = ctx.table(INTENT).overwrite(intent, where={"score_date": tomorrow}, commit_info=commit)
-                run.wrote(INTENT, res.version)
+                with StagedTables(ctx, STAGE, run) as out:  # both tables, or after a crash neither
+                    for name, frame in ((RANKINGS, rankings), (INTENT, intent)):
+                        out.stage(name, frame, {"score_date": tomorrow}, commit)
+                    out.publish()
         finally:
             scored.unpersist()
             bc.unpersist()

@@ -24,6 +24,7 @@ from streamrank.generate import generate
 from streamrank.ingest import ingest
 from streamrank.nightly import nightly
 from streamrank.promote import promote
+from streamrank.publish import recover
 from streamrank.registry import by_alias
 from streamrank.schemas import all_table_names
 
@@ -96,25 +97,33 @@ def test_rerun_of_the_night_changes_nothing(world):
     assert table_rows(wh, "silver/quarantine", drop=("clean_run_id", "quarantined_at")) == quarantine
 
 
-@pytest.mark.parametrize("stage, table", [
-    ("clean", "silver/viewer_events"),
-    ("features", "gold/training_examples"),
-    ("score", "gold/user_product_rankings"),
+@pytest.mark.parametrize("stage, tables", [
+    ("clean", ("silver/viewer_events", "silver/quarantine")),
+    ("features", ("gold/vocabularies", "gold/viewer_features", "gold/training_examples")),
+    ("score", ("gold/user_product_rankings", "gold/user_intent_scores")),
 ])
-def test_kill_9_before_commit_then_rerun(world, stage, table):
+def test_kill_9_between_commits_is_rolled_back_then_rerun(world, stage, tables):
+    """Killed before its LAST commit, a stage has published its other tables; the next stage
+    run puts them back (publish.py), and a re-run publishes identical tables."""
     wh, cfg = world["wh"], world["cfg"]
     before = versions(wh)
     drop = ("run_id", "clean_run_id", "ingest_run_id", "quarantined_at")
-    expected = table_rows(wh, table, drop=drop)
-    proc = run_cli([stage, "--date", str(D3), *settings(cfg)], {"STREAMRANK_FAULT_BEFORE_COMMIT": f"{table}:kill"})
+    previous = {t: table_rows(wh, t) for t in tables}
+    expected = {t: table_rows(wh, t, drop=drop) for t in tables}
+    last = tables[-1]
+    proc = run_cli([stage, "--date", str(D3), *settings(cfg)], {"STREAMRANK_FAULT_BEFORE_COMMIT": f"{last}:kill"})
     assert proc.returncode == -9, proc.stderr[-3000:]
     after = versions(wh)
-    assert after[table] == before[table], f"{table} moved to {after[table]} although its writer was killed"
+    assert after[last] == before[last], f"{last} moved to {after[last]} although its writer was killed"
+    assert all(after[t] > before[t] for t in tables[:-1]), "the earlier tables were committed before the kill"
     for name in all_table_names():  # every table readable at a committed version
         wh.table(name).read().limit(1).collect()
+    lines = recover(world["ctx"])  # what every stage run does first
+    assert len(lines) == 1 and "restored" in lines[0], lines
+    assert {t: table_rows(wh, t) for t in tables} == previous  # every table at its previous content
     proc = run_cli([stage, "--date", str(D3), *settings(cfg)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert table_rows(wh, table, drop=drop) == expected
+    assert {t: table_rows(wh, t, drop=drop) for t in tables} == expected
 
 
 def test_second_concurrent_nightly_exits_2_naming_holder(world):

@@ -324,3 +324,21 @@ def test_spark_engine_when_delta_jars_load(spark, conf):
     table.overwrite(eval_rows(spark, 30).filter(F.col("run_date") == D1), where={"run_date": D1})
     assert table.read().count() == 30
     assert deltalake.DeltaTable(table.uri).version() >= 1
+    # restore (what publish.py's recovery calls) through delta-spark's own API
+    v = table.version()
+    table.overwrite(eval_rows(spark, 5, run_id="r9", dates=(D1,)), where={"run_date": D1})
+    assert table.restore(v) == v + 2
+    assert table.read().count() == 30 and table.read().filter("run_id = 'r9'").count() == 0
+
+
+def test_restore_brings_back_a_version_as_a_new_commit(spark, wh):
+    table = wh.table("ops/model_eval")
+    table.append(eval_rows(spark, 30))
+    before = rows_of(table.read())
+    table.overwrite(eval_rows(spark, 5, run_id="r2", dates=(D1,)), where={"run_date": D1})
+    assert table.read().count() == 20 + 5
+    assert table.restore(1, commit_info={"stage": "recover", "run_id": "r3"}) == 3
+    assert rows_of(table.read()) == before
+    entry = table.history(1)[0]
+    assert entry["operation"] == "RESTORE" and json.loads(entry["userMetadata"])["run_id"] == "r3"
+    assert table.read(version=2).filter("run_id = 'r2'").count() == 5  # the undone commit stays in history
