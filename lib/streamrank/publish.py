@@ -18,8 +18,11 @@ killed stage leave every table at its previous version, so the window is journal
 
 A journal belongs to a dead writer when its pid is gone on this host, or, written on
 another host (a cluster driver), when it is older than STALE_AFTER. A table that someone
-else committed to after the dead run is not restored (that would undo their work): the
-journal is moved to `_publish/unresolved/` and the warning names the versions to inspect.
+else committed rows to after the dead run is not restored (that would undo their work;
+vacuum and optimize commits change no rows and do not count): the journal is moved to
+`_publish/unresolved/` and the warning names the versions to inspect. A restore that
+fails (the old files vacuumed away) stops the stage run with the journal named and
+kept, so every later run retries until a person resolves it.
 Until the next stage run, readers can still see the half-published state; nothing else
 in Delta can prevent that without a multi-table transaction.
 """
@@ -38,6 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from streamrank.errors import StreamrankError
 from streamrank.lock import pid_alive
 
 if TYPE_CHECKING:
@@ -50,6 +54,8 @@ log = logging.getLogger(__name__)
 
 JOURNAL_DIR = "_publish"
 STALE_AFTER = dt.timedelta(hours=12)  # a journal of another host older than this has a dead writer
+#: commits that change no rows: a restore over them undoes nobody's data
+MAINTENANCE = frozenset({"VACUUM START", "VACUUM END", "OPTIMIZE"})
 
 
 class Publication:
@@ -198,6 +204,12 @@ def _resolve(ctx: Context, path: Path, doc: dict[str, Any]) -> str:
         restored = _roll_back(ctx, doc)
     except _Conflict as exc:
         return _set_aside(path, f"{who} died mid-publication, but {exc}; nothing was restored")
+    except Exception as exc:
+        raise StreamrankError(
+            f"{who} died mid-publication and its tables could not be restored: {type(exc).__name__}: {exc}. "
+            f"The journal {path.name.split('.recovering-')[0]} stays in {path.parent} and every stage run retries; "
+            f"to accept the tables as they are instead, move it to {path.parent / 'unresolved'}"
+        ) from exc
     path.unlink(missing_ok=True)
     if not restored:
         return f"{who} died before its first commit: no table had moved"
@@ -222,11 +234,14 @@ def _roll_back(ctx: Context, doc: dict[str, Any]) -> dict[str, tuple[int, int]]:
         if current is None or before is None or current <= before:
             continue
         newer = [h for h in table.history(current - before) if int(h["version"]) > before]
+        if _meta(newer[0]).get("rolled_back_run") == run_id:
+            continue  # restored by an earlier recovery that failed on another table
         ours = [h for h in newer if _run_of(h) == run_id]
         if not ours:
             continue
         first_ours = min(int(h["version"]) for h in ours)
-        others = sorted(int(h["version"]) for h in newer if _run_of(h) != run_id and int(h["version"]) > first_ours)
+        others = sorted(int(h["version"]) for h in newer if _run_of(h) != run_id and int(h["version"]) > first_ours
+                        and h.get("operation") not in MAINTENANCE)
         if others:
             raise _Conflict(f"{name} has commits of other runs after it (v{others[0]}): inspect v{before}..v{current}")
         plan.append((table, before))
@@ -234,11 +249,18 @@ def _roll_back(ctx: Context, doc: dict[str, Any]) -> dict[str, tuple[int, int]]:
     return {t.spec.name: (before, t.restore(before, commit_info=info)) for t, before in plan}
 
 
-def _run_of(entry: dict[str, Any]) -> str | None:
+def _meta(entry: dict[str, Any]) -> dict[str, Any]:
+    """The commit_info a streamrank commit carries (empty for other writers' commits)."""
     try:
-        return json.loads(entry.get("userMetadata") or "{}").get("run_id")
-    except (json.JSONDecodeError, AttributeError):
-        return None
+        meta = json.loads(entry.get("userMetadata") or "{}")
+    except (json.JSONDecodeError, TypeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _run_of(entry: dict[str, Any]) -> str | None:
+    meta = _meta(entry)
+    return None if meta.get("rolled_back_run") else meta.get("run_id")
 
 
 def _writer_gone(doc: dict[str, Any]) -> bool:

@@ -11,6 +11,7 @@ from pyspark.sql import functions as F
 
 from streamrank.context import Context, StageRun, stage_run
 from streamrank.delta import InjectedFault
+from streamrank.errors import StreamrankError
 from streamrank.publish import JOURNAL_DIR, Publication, publication, publish_staged, recover
 
 RANKINGS, INTENT = "gold/user_product_rankings", "gold/user_intent_scores"
@@ -137,3 +138,12 @@ def test_a_later_commit_of_another_run_is_never_undone(spark, conf, night1):
     assert len(lines) == 1 and "commits of other runs" in lines[0] and "nothing was restored" in lines[0]
     assert run_ids(night1, RANKINGS) == ["manual"]
     assert journals(night1) == [] and journals(night1, "unresolved") == ["killed-score.json"]
+
+
+def test_a_restore_that_cannot_happen_stops_with_the_journal_named_and_kept(spark, conf, night1):
+    die_mid_publication(spark, conf, "killed", done=(RANKINGS,))
+    night1.table(RANKINGS).vacuum(retention_hours=0)  # the files of the version to restore are gone
+    with pytest.raises(StreamrankError, match=r"could not be restored.*killed-score\.json.*unresolved"):
+        recover(Context(conf))
+    assert journals(night1) == ["killed-score.json"]  # unclaimed: the next stage run retries
+    assert run_ids(night1, RANKINGS) == ["killed"]
