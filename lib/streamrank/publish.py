@@ -212,7 +212,7 @@ def _resolve(ctx: Context, path: Path, doc: dict[str, Any]) -> str:
         ) from exc
     path.unlink(missing_ok=True)
     if not restored:
-        return f"{who} died before its first commit: no table had moved"
+        return f"{who} died mid-publication: no table of it needed restoring (none committed, or already restored)"
     return f"{who} died mid-publication: restored {_describe(restored)}"
 
 

@@ -147,3 +147,15 @@ def test_a_restore_that_cannot_happen_stops_with_the_journal_named_and_kept(spar
         recover(Context(conf))
     assert journals(night1) == ["killed-score.json"]  # unclaimed: the next stage run retries
     assert run_ids(night1, RANKINGS) == ["killed"]
+
+
+def test_a_recovery_cut_short_is_finished_without_restoring_twice(spark, conf, night1):
+    die_mid_publication(spark, conf, "killed", done=(RANKINGS,))
+    table = night1.table(RANKINGS)
+    # what a recovery that restored this table and then died leaves behind
+    table.restore(table.version() - 1, commit_info={"stage": "recover", "run_id": "r", "rolled_back_run": "killed"})
+    version = table.version()
+    lines = recover(Context(conf))
+    assert len(lines) == 1 and "no table of it needed restoring" in lines[0]
+    assert table.version() == version and run_ids(night1, RANKINGS) == ["night1"]
+    assert journals(night1) == [] and journals(night1, "unresolved") == []
