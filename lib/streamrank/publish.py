@@ -6,7 +6,7 @@ rankings and intent scores) therefore has a window between its first and its las
 in which a kill leaves some tables new and the others old. DESIGN section 9 asks that a
 killed stage leave every table at its previous version, so the window is journaled:
 
-- `publication` writes `<warehouse>/_publish/<run_id>.json` before the first commit: the
+- `publication` writes `<warehouse>/_publish/<run_id>-<stage>.json` before the first commit: the
   writer's pid and host, and the version each of its tables had (the "before" version);
   it marks each table done after its commit and deletes the journal after the last one;
 - an exception between the commits (a failed commit, Ctrl-C) rolls the committed tables
