@@ -65,6 +65,14 @@ def export_vocab(ctx: Context, date: dt.date, out: Path) -> Path:
     return path
 
 
+def worker_conf(ctx: Context, vocab_path: Path) -> dict[str, Any]:
+    """The plain conf the training worker gets: the run's conf plus the model's sequence length
+    and vocab file, so the worker (in-process, torchrun child or a GPU box) needs nothing else."""
+    conf = ctx.cfg.to_dict()
+    conf["model"] = {**conf["model"], "seq_len": ctx.cfg["features.seq_len"], "vocab_path": str(vocab_path)}
+    return conf
+
+
 def _use_gpu(setting: Any) -> bool:
     import torch
 
@@ -106,8 +114,7 @@ def train(ctx: Context, date: dt.date) -> dict[str, Any]:
         work = Path(tempfile.mkdtemp(prefix=f"train-{date}-", dir=ctx.cfg.warehouse))
         try:
             vocab_path = export_vocab(ctx, date, work)
-            conf = ctx.cfg.to_dict()
-            conf["model"] = {**conf["model"], "seq_len": ctx.cfg["features.seq_len"], "vocab_path": str(vocab_path)}
+            conf = worker_conf(ctx, vocab_path)
             setup_mlflow(ctx.cfg)
             with mlflow.start_run(run_name=f"train-{date}") as active:
                 run.mlflow_run_id = active.info.run_id
