@@ -90,7 +90,7 @@ class ModelConfig:
     seq_loss_weight: float = 1.0  # next-event loss at every history position (SASRec)
     intent_weight: float = 1.0  # viewer-level BCE on label_purchase
     cand_weight: float = 0.5  # per-candidate BCE (candidate in target_products)
-    cand_rank_weight: float = 1.0  # softmax of target_product over the row's candidates (with context)
+    cand_rank_weight: float = 5.0  # softmax of target_product over the row's candidates (with context)
     intent_pool: str = "attention"  # or "logsumexp"
     decay_init: float = 0.01  # initial lambda, per hour (half-life ~ 70 h)
     intent_chunk: int = 256  # candidates per chunk in intent()

@@ -69,7 +69,7 @@ FEATURE_COLUMNS = (
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "batch_size": 512,
-    "lr": 1e-3,
+    "lr": 3e-4,
     "weight_decay": 0.01,
     "max_epochs": 10,
     "patience": 2,
