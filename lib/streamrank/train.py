@@ -65,6 +65,11 @@ def export_vocab(ctx: Context, date: dt.date, out: Path) -> Path:
     return path
 
 
+def split_rows(table: Any, version: int, date: dt.date) -> dict[str, int]:
+    """Rows per split (train/valid/test) of the snapshot's as_of_date partition."""
+    return dict(table.read(version).filter(F.col("as_of_date") == F.lit(date)).groupBy("split").count().collect())
+
+
 def worker_conf(ctx: Context, vocab_path: Path) -> dict[str, Any]:
     """The plain conf the training worker gets: the run's conf plus the model's sequence length
     and vocab file, so the worker (in-process, torchrun child or a GPU box) needs nothing else."""
@@ -104,7 +109,7 @@ def train(ctx: Context, date: dt.date) -> dict[str, Any]:
         run.read(TRAINING_TABLE, version)
         if not files:
             raise InsufficientHistoryError(f"{TRAINING_TABLE} has no files for as_of_date {date} (version {version}): nothing to train on")
-        splits = dict(table.read(version).filter(F.col("as_of_date") == F.lit(date)).groupBy("split").count().collect())
+        splits = split_rows(table, version, date)
         run.metrics.update({f"{k}_rows": v for k, v in splits.items()})
         if not splits.get("train") or not splits.get("valid"):
             raise InsufficientHistoryError(

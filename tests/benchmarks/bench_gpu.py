@@ -47,11 +47,9 @@ from typing import Any
 def bundle(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from pyspark.sql import functions as F
-
     from streamrank.config import load_config
     from streamrank.context import Context
-    from streamrank.train import TRAINING_TABLE, export_vocab, worker_conf
+    from streamrank.train import TRAINING_TABLE, export_vocab, split_rows, worker_conf
 
     cfg = load_config(args.conf, args.set)
     ctx = Context(cfg)
@@ -74,7 +72,7 @@ def bundle(args: argparse.Namespace) -> int:
     vocab = export_vocab(ctx, date, out)
     conf = worker_conf(ctx, vocab)
     conf["model"]["vocab_path"] = "vocab.json"  # relative to the bundle; run() resolves it
-    splits = dict(table.read(version).filter(F.col("as_of_date") == F.lit(date)).groupBy("split").count().collect())
+    splits = split_rows(table, version, date)
     (out / "conf.json").write_text(json.dumps(conf, indent=2, default=str))
     (out / "manifest.json").write_text(json.dumps({
         "table": TRAINING_TABLE, "version": version, "as_of_date": date.isoformat(), "files": names,
