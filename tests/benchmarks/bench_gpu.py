@@ -91,7 +91,10 @@ class GpuSampler:
 
         pynvml.nvmlInit()
         self._nvml = pynvml
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0))
+        # torch's cuda:0 is the first visible device, named by index or by UUID
+        first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+        self._handle = (pynvml.nvmlDeviceGetHandleByUUID(first) if first.startswith(("GPU-", "MIG-"))
+                        else pynvml.nvmlDeviceGetHandleByIndex(int(first)))
         self.name = pynvml.nvmlDeviceGetName(self._handle)
         self.period = period
         self.samples: list[tuple[float, int, int]] = []
