@@ -199,7 +199,6 @@ def run(args: argparse.Namespace) -> int:
               f"best epoch {rec['best_epoch']} NDCG@10 {rec['best_ndcg_at_10']:.4f} AUC {rec['best_intent_auc']:.4f}, "
               f"{wall:.0f} s", flush=True)
         Path(args.report).write_text(json.dumps(report, indent=2, default=str))
-    Path(args.report).write_text(json.dumps(report, indent=2, default=str))
     return 0
 
 
