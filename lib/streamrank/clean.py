@@ -45,23 +45,22 @@ duplicates_dropped; empty_files -> no rows at all).
 
 Performance (measured, see tests/benchmarks/bench_clean.py; each Spark job costs, so
 the stage is planned around few of them): bronze rows are wide (the raw line is most of
-their bytes), so they are never materialised. One aggregation over a column-pruned scan
-finds the few viewers who may be bots. The labelled frame is then built knowing every
-row reason, minimised (no PII, raw_line kept only on rows that may be quarantined, all
+their bytes), so they are never materialised. The labelled frame is built knowing every
+row-level reason, minimised (no PII, raw_line kept only on rows with a reason, all
 reasons packed into one int bit mask) and materialised once in executor memory
-(`materialise`); the first job over it (confirming the bots on the candidates' events)
-fills it. The dedup plan is one aggregation over it, cached and broadcast; the four
-conservation counts and the per-reason counts are ONE aggregation; GX's jobs and both
-writes then read memory. Write, audit, publish: once the counts have passed the
-conservation check and GX's jobs have computed the silver suite, the silver and
-quarantine files are written (staged, invisible to readers) in two threads while GX
-renders its data docs and checks the day summary in Python, so the cores are not idle
-while the driver works; the two commits happen only if every check passed, otherwise
-the staged files are deleted. The commits are journaled (publish.py), so a kill between
-them is rolled back by the next stage run. Catalog and schedule ids are collected (one small job) into
-hash-set lookups instead of broadcast joins, sent to the JVM as one parsed IN expression
-(`in_set`), not one py4j literal per id. Phases are timed with time.perf_counter
-into run.metrics["phases_s"].
+(`materialise`) by the first job over it, the aggregation that finds the few viewers who
+may be bots; confirming them reads memory, and the bots' own raw lines are fetched from
+bronze during the quarantine write (`bot_lines`), so bronze is scanned once in full. The
+dedup plan is one aggregation over the frame, cached and broadcast; the four
+conservation counts and the per-reason counts are ONE aggregation. Write, audit,
+publish: once the counts conserve, the silver and quarantine files are written (staged,
+invisible to readers) in two threads while GX checks the day summary and the silver
+frame, so the cores write while the driver runs GX's Python; the two commits happen
+only if every check passed, otherwise the staged files are deleted. The commits are
+journaled (publish.py), so a kill between them is rolled back by the next stage run.
+Catalog and schedule ids are collected (one small job) into hash-set lookups instead of
+broadcast joins, sent to the JVM as one parsed IN expression (`in_set`), not one py4j
+literal per id. Phases are timed with time.perf_counter into run.metrics["phases_s"].
 """
 
 from __future__ import annotations
@@ -92,7 +91,6 @@ if TYPE_CHECKING:
     from streamrank.config import Config
     from streamrank.context import Context, PhaseTimer, StageRun
     from streamrank.delta import DeltaTable, StagedWrite
-    from streamrank.quality import ValidationReport
 
 log = logging.getLogger(__name__)
 
@@ -312,25 +310,24 @@ def sliding_max(times_us: Sequence[int], width_us: int) -> int:
     return best
 
 
-def minimise(flagged: DataFrame, bot_candidates: Sequence[str] = ()) -> DataFrame:
+def minimise(flagged: DataFrame) -> DataFrame:
     """Pack the row-level reasons into `_flags` and keep only what later steps need.
 
     The frame this returns is what the stage caches, so it is made small here: ip,
     device_id and comment_text are dropped (has_comment/comment_length derived first),
     the raw numeric text is dropped (typed copies stay), and raw_line and the raw
-    event_ts text are kept only on rows that may go to quarantine (a reason, or a viewer
-    that may be a bot), the only place they are stored. The reasons become one int bit
-    mask (bit i = REASONS[i]; 0 = no reason): Spark's columnar cache costs per column,
-    and 13 boolean columns measured slower to cache than the whole rest of the row.
-    `_us` and `_parsed` stay for the bot rule, which `with_bots` applies on top.
+    event_ts text are kept only on rows with a row-level reason, the only place they
+    are stored (a bot's otherwise valid rows get theirs from `bot_lines`). The reasons
+    become one int bit mask (bit i = REASONS[i]; 0 = no reason): Spark's columnar cache
+    costs per column, and 13 boolean columns measured slower to cache than the whole
+    rest of the row. `_us` and `_parsed` stay for the bot rule, which `with_bots`
+    applies on top.
     """
     flags = F.lit(0)
     for i, code in enumerate(REASONS):
         if code != "bot":
             flags = flags + F.when(F.col(f"_r_{code}"), F.lit(1 << i)).otherwise(F.lit(0))
     keep_raw = F.col("_bad")
-    if bot_candidates:
-        keep_raw = keep_raw | F.coalesce(in_set("viewer_id", bot_candidates), F.lit(False))
     comment = F.col("comment_text")
     return flagged.select(
         "event_id", "viewer_id", "session_id", "stream_id", "host_id", "product_id", "event_type", "app_version",
@@ -355,7 +352,21 @@ def with_bots(minimised: DataFrame, bot_viewers: Sequence[str]) -> DataFrame:
 
 def apply_bots(flagged: DataFrame, bot_viewers: Sequence[str]) -> DataFrame:
     """`minimise` then `with_bots`: the labelled-to-be frame when the bots are already known."""
-    return with_bots(minimise(flagged, bot_viewers), bot_viewers)
+    return with_bots(minimise(flagged), bot_viewers)
+
+
+def bot_lines(bronze: DataFrame, bot_viewers: Sequence[str]) -> DataFrame | None:
+    """The raw line and raw event_ts text of every parsed bronze row of the bot viewers.
+
+    `minimise` keeps the raw text only of rows with a row-level reason, so the cached
+    frame can be built (and the bot rule run over it) in one scan of bronze; the few bot
+    rows fetch theirs here, during the quarantine write. None when there are no bots:
+    then there is nothing to fetch and no extra scan.
+    """
+    if not bot_viewers:
+        return None
+    return bronze.filter(F.coalesce(F.col("parse_ok"), F.lit(False)) & in_set("viewer_id", bot_viewers)).select(
+        "source_file", "line_number", F.col("raw_line").alias("_bot_raw_line"), F.col("event_ts").alias("_bot_event_ts"))
 
 
 def has_reason(code: str) -> Column:
@@ -441,9 +452,21 @@ def to_silver(labelled: DataFrame, run_id: str, day: dt.date) -> DataFrame:
     )
 
 
-def to_quarantine(labelled: DataFrame, run_id: str, day: dt.date, quarantined_at: dt.datetime) -> DataFrame:
-    """The rejected rows with their raw line, the raw event_ts text and every reason, sorted."""
-    return labelled.filter(F.col("outcome") == _OUTCOME_QUARANTINE).select(
+def to_quarantine(labelled: DataFrame, run_id: str, day: dt.date, quarantined_at: dt.datetime,
+                  bot_raw: DataFrame | None = None) -> DataFrame:
+    """The rejected rows with their raw line, the raw event_ts text and every reason, sorted.
+
+    `bot_raw` (`bot_lines`) supplies the raw text of the rows whose only reason is `bot`,
+    matched on their position in the landing file (source_file, line_number).
+    """
+    rejected = labelled.filter(F.col("outcome") == _OUTCOME_QUARANTINE)
+    if bot_raw is not None:
+        fetched = F.col("raw_line").isNull()
+        rejected = rejected.join(F.broadcast(bot_raw), ["source_file", "line_number"], "left").select(
+            "*", F.when(fetched, F.col("_bot_raw_line")).otherwise(F.col("raw_line")).alias("_raw"),
+            F.when(fetched, F.col("_bot_event_ts")).otherwise(F.col("event_ts")).alias("_event_ts"),
+        ).drop("raw_line", "event_ts").withColumnsRenamed({"_raw": "raw_line", "_event_ts": "event_ts"})
+    return rejected.select(
         "raw_line", "source_file", "line_number", "event_id", "viewer_id", "event_type", "event_ts", "reasons",
         F.lit(run_id).alias("clean_run_id"),
         F.lit(quarantined_at).cast("timestamp").alias("quarantined_at"),
@@ -577,11 +600,11 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
             prior_ids = _prior_ids(silver_t, silver_v, day, rules)
 
         typed = type_events(bronze)
-        with phases("bot_candidates"):  # one aggregation over a column-pruned scan of bronze
-            candidates = bot_candidates(typed, rules)
-        minimised = materialise(minimise(row_reasons(typed, day, rules, product_ids, stream_ids), candidates))
+        minimised = materialise(minimise(row_reasons(typed, day, rules, product_ids, stream_ids)))
         cached.append(minimised)
-        with phases("reasons_and_bots"):  # the first job over the frame materialises it
+        with phases("reasons"):  # the first job over the frame materialises it
+            candidates = bot_candidates(minimised, rules)
+        with phases("bots"):
             bots = confirm_bots(minimised, candidates, rules)
         marked = with_bots(minimised, bots)
         dups = duplicate_plan(marked, prior_ids).persist(StorageLevel.MEMORY_AND_DISK_DESER)
@@ -589,21 +612,19 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
         labelled = label(marked, dups)
         run_id = ctx.run_id
         silver = to_silver(labelled, run_id, day)
-        quarantine = to_quarantine(labelled, run_id, day, dt.datetime.now(dt.UTC))
-        # Write, audit, publish: the counts and GX's jobs run first on the cached frame;
-        # once the silver suite's metrics are in (and no critical one failed), both
-        # tables' files are written (invisible) while GX renders its data docs and checks
-        # the day summary in Python; they are committed only if everything passed.
-        # Each table is replaced atomically for this ingest date only (other ingest dates,
-        # including other rows of the same event_date partitions, are untouched).
+        quarantine = to_quarantine(labelled, run_id, day, dt.datetime.now(dt.UTC), bot_lines(bronze, bots))
+        # Write, audit, publish: once the counts conserve, both tables' files are written
+        # (staged, invisible) while GX checks the day summary and the silver frame; they
+        # are committed only if every check passed, otherwise deleted. Each table is
+        # replaced atomically for this ingest date only (other ingest dates, including
+        # other rows of the same event_date partitions, are untouched).
         commit = {"stage": STAGE, "run_id": run_id, "ingest_date": day.isoformat()}
         staging: list[Future[StagedWrite]] = []
         with session_settings(spark, unsorted_partition_writes(rules)), ThreadPoolExecutor(max_workers=2) as pool:
 
-            def start_writes(silver_report: ValidationReport) -> None:
-                if silver_report.passed:
-                    staging.extend(pool.submit(t.stage_overwrite, df, where={"ingest_date": day}, commit_info=commit)
-                                   for t, df in ((silver_t, silver), (quarantine_t, quarantine)))
+            def start_writes() -> None:
+                staging.extend(pool.submit(t.stage_overwrite, df, where={"ingest_date": day}, commit_info=commit)
+                               for t, df in ((silver_t, silver), (quarantine_t, quarantine)))
 
             try:
                 _audit(ctx, day, run, phases, labelled, silver, bronze_rows, len(bots), start_writes)
@@ -623,10 +644,11 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
 
 
 def _audit(ctx: Context, day: dt.date, run: StageRun, phases: PhaseTimer, labelled: DataFrame, silver: DataFrame,
-           bronze_rows: int, bot_viewers: int, on_silver_checked: Callable[[ValidationReport], None]) -> None:
+           bronze_rows: int, bot_viewers: int, start_writes: Callable[[], None]) -> None:
     """Conservation, then the GX gate: raises (nothing may be published) unless both pass.
 
-    `on_silver_checked` gets the silver suite's report before its data docs are rendered.
+    `start_writes` is called once the counts conserve, before GX runs: the staged writes
+    then use the cores while GX's Python (planning, results, data docs) runs on the driver.
     """
     from streamrank.quality import record_and_gate, validate
 
@@ -645,8 +667,12 @@ def _audit(ctx: Context, day: dt.date, run: StageRun, phases: PhaseTimer, labell
             f" + quarantined {counts['quarantined_rows']} + duplicates {counts['duplicates_dropped']}"
             f" (labelled {counts['labelled_rows']}); nothing published"
         )
+    # Nothing can be published unless the counts conserve; from here on the files are
+    # written (invisible) while GX checks the day, and committed only if every check passed.
+    start_writes()
     run_id = ctx.run_id
-    with phases("validate"):
+    docs_root = ctx.cfg.reports / "data_docs"
+    with phases("validate_summary"):  # pandas, in Python: the cores write meanwhile
         median = trailing_median_rows(ctx, day)
         summary = summary_row(counts, bronze_rows, median)
         run.metrics["quarantine_ratio"] = round(summary["quarantine_ratio"], 6)
@@ -654,10 +680,9 @@ def _audit(ctx: Context, day: dt.date, run: StageRun, phases: PhaseTimer, labell
         band = float(ctx.cfg.get("quality.volume_band", 0.5))
         params = {"max_quarantine_ratio": float(ctx.cfg.get("quality.max_quarantine_ratio", 0.1)),
                   "min_volume_ratio": 1.0 - band, "max_volume_ratio": 1.0 + band}
-        docs_root = ctx.cfg.reports / "data_docs"
-        reports = [validate(silver, SILVER_SUITE, docs_root, f"clean-{day}-{run_id}", on_computed=on_silver_checked)]
-    with phases("validate_summary"):
-        reports.append(validate(summary_frame(summary), SUMMARY_SUITE, docs_root, f"clean-{day}-{run_id}", params))
+        summary_report = validate(summary_frame(summary), SUMMARY_SUITE, docs_root, f"clean-{day}-{run_id}", params)
+    with phases("validate"):
+        reports = [validate(silver, SILVER_SUITE, docs_root, f"clean-{day}-{run_id}"), summary_report]
     run.metrics["data_docs"] = [r.data_docs for r in reports]
     record_and_gate(reports, ctx.table("ops/dq_results"), run_id, STAGE, day)
 

@@ -88,6 +88,12 @@ def test_ledger_counts_land_where_they_should(world):
         assert n_silver + m["quarantined_rows"] + m["duplicates_dropped"] == n_bronze
         assert all(list(r["reasons"]) == sorted(r["reasons"]) and r["reasons"] for r in q.select("reasons").collect())
         assert q.filter(F.col("raw_line").isNull() | F.col("source_file").isNull()).count() == 0
+        # each quarantined row keeps ITS raw line and raw event_ts text (bot rows fetch theirs from bronze)
+        b = bronze.filter(F.col("ingest_date") == F.lit(day)).select(
+            "source_file", "line_number", F.col("raw_line").alias("b_line"), F.col("event_ts").alias("b_ts"))
+        keyed = q.join(b, ["source_file", "line_number"], "left")
+        assert keyed.count() == q.count() > faults["bot_events"] > 0
+        assert keyed.filter(~F.col("raw_line").eqNullSafe(F.col("b_line")) | ~F.col("event_ts").eqNullSafe(F.col("b_ts"))).count() == 0
     # late events (event_ts on D-1) of ingest date D2 sit in the D1 event_date partition
     late = silver.filter((F.col("ingest_date") == F.lit(D2)) & (F.col("event_date") == F.lit(D1))).count()
     assert late == world["ledger"]["dates"][D2.isoformat()]["late_events"] == world["metrics"][D2]["late_rows"] > 0
@@ -134,9 +140,9 @@ def test_conservation_violation_publishes_nothing(world, monkeypatch):
     assert _parquet_files(silver_t, quarantine_t) == files  # the staged files were deleted, not left as orphans
 
 
-def test_silver_suite_failure_stages_nothing_and_publishes_nothing(world, monkeypatch):
-    """A critical silver expectation fails (event types outside the set): exit 3 before any
-    file of either table is written, both tables stay at their version."""
+def test_silver_suite_failure_publishes_nothing_and_leaves_no_files(world, monkeypatch):
+    """A critical silver expectation fails (event types outside the set): exit 3; the files
+    both tables had staged while GX ran are deleted, and both tables stay at their version."""
     ctx: Context = world["ctx"]
     silver_t, quarantine_t = ctx.table("silver/viewer_events"), ctx.table("silver/quarantine")
     versions, files = (silver_t.version(), quarantine_t.version()), _parquet_files(silver_t, quarantine_t)
@@ -147,7 +153,7 @@ def test_silver_suite_failure_stages_nothing_and_publishes_nothing(world, monkey
     with pytest.raises(QualityGateError, match="expect_column_values_to_be_in_set") as err:
         clean(ctx, D1)
     assert err.value.exit_code == 3
-    assert staged == []
+    assert sorted(t.spec.name for t in staged) == ["silver/quarantine", "silver/viewer_events"]
     assert (silver_t.version(), quarantine_t.version()) == versions
     assert _parquet_files(silver_t, quarantine_t) == files
 
