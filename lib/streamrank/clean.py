@@ -650,7 +650,7 @@ def _audit(ctx: Context, day: dt.date, run: StageRun, phases: PhaseTimer, labell
     `start_writes` is called once the counts conserve, before GX runs: the staged writes
     then use the cores while GX's Python (planning, results, data docs) runs on the driver.
     """
-    from streamrank.quality import record_and_gate, validate
+    from streamrank.quality import Check, record_and_gate, validate_all
 
     with phases("dedup_counts"):
         counts = outcome_counts(labelled, day)
@@ -671,18 +671,16 @@ def _audit(ctx: Context, day: dt.date, run: StageRun, phases: PhaseTimer, labell
     # written (invisible) while GX checks the day, and committed only if every check passed.
     start_writes()
     run_id = ctx.run_id
-    docs_root = ctx.cfg.reports / "data_docs"
-    with phases("validate_summary"):  # pandas, in Python: the cores write meanwhile
-        median = trailing_median_rows(ctx, day)
-        summary = summary_row(counts, bronze_rows, median)
-        run.metrics["quarantine_ratio"] = round(summary["quarantine_ratio"], 6)
-        run.metrics["volume_ratio"] = None if summary["volume_ratio"] is None else round(summary["volume_ratio"], 4)
-        band = float(ctx.cfg.get("quality.volume_band", 0.5))
-        params = {"max_quarantine_ratio": float(ctx.cfg.get("quality.max_quarantine_ratio", 0.1)),
-                  "min_volume_ratio": 1.0 - band, "max_volume_ratio": 1.0 + band}
-        summary_report = validate(summary_frame(summary), SUMMARY_SUITE, docs_root, f"clean-{day}-{run_id}", params)
-    with phases("validate"):
-        reports = [validate(silver, SILVER_SUITE, docs_root, f"clean-{day}-{run_id}"), summary_report]
+    median = trailing_median_rows(ctx, day)
+    summary = summary_row(counts, bronze_rows, median)
+    run.metrics["quarantine_ratio"] = round(summary["quarantine_ratio"], 6)
+    run.metrics["volume_ratio"] = None if summary["volume_ratio"] is None else round(summary["volume_ratio"], 4)
+    band = float(ctx.cfg.get("quality.volume_band", 0.5))
+    params = {"max_quarantine_ratio": float(ctx.cfg.get("quality.max_quarantine_ratio", 0.1)),
+              "min_volume_ratio": 1.0 - band, "max_volume_ratio": 1.0 + band}
+    with phases("validate"):  # the summary (pandas, in Python) first, then GX's jobs over the silver frame
+        reports = validate_all([Check(summary_frame(summary), SUMMARY_SUITE, params), Check(silver, SILVER_SUITE)],
+                               ctx.cfg.reports / "data_docs", f"clean-{day}-{run_id}")
     run.metrics["data_docs"] = [r.data_docs for r in reports]
     record_and_gate(reports, ctx.table("ops/dq_results"), run_id, STAGE, day)
 

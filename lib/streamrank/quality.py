@@ -12,8 +12,8 @@ The whole suite is one `batch.validate(suite)` call, so GX plans all metrics tog
 and Spark runs few jobs over the (cached) frame; only when column checks fail does a
 second, smaller call fetch samples of the offending values for just those checks. The
 result is stored in a file-backed GX project under `<docs_root>/../gx` (never in the
-repository) and the data docs site under `docs_root` is rebuilt incrementally for that
-one result, so the operator can open the exact page a failed gate points to straight
+repository) and the data docs site under `docs_root` is rebuilt incrementally for the
+stage's results (one build, `validate_all`), so the operator can open the exact page a failed gate points to straight
 from disk. (GX's pages take their CSS/JS from public CDNs: offline they are unstyled but
 complete, and the index gets a plain list of pages for that case.)
 
@@ -33,7 +33,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -298,13 +298,21 @@ def _to_expectation(entry: dict[str, Any], index: int, description: str | None =
 # ------------------------------------------------------------------------ validation
 
 
+@dataclass(frozen=True)
+class Check:
+    """One suite to run on one frame: what `validate_all` takes, in the order given."""
+
+    df: Any  # a Spark DataFrame (cached by the caller) or a small pandas DataFrame
+    suite: str
+    parameters: dict[str, Any] | None = None
+
+
 def validate(
     df: DataFrame,
     suite_name: str,
     docs_root: Path,
     run_name: str,
     parameters: dict[str, Any] | None = None,
-    on_computed: Callable[[ValidationReport], None] | None = None,
 ) -> ValidationReport:
     """Validate `df` against suite `suite_name` and publish the result to the data docs.
 
@@ -313,47 +321,62 @@ def validate(
     fills the suite's `$PARAMETER` references; a missing one is a ConfigError, because a
     suite whose threshold is unknown cannot say whether the data is good. Extra
     parameters are ignored so a stage can pass one dict to several suites.
-    `on_computed` gets the report (no data-docs page yet) as soon as GX's Spark jobs are
-    done, before the data docs are rendered (pure Python, about half a second): a stage
-    can start its own Spark work there and have the rendering overlap it.
     """
+    return validate_all([Check(df, suite_name, parameters)], docs_root, run_name)[0]
+
+
+def validate_all(checks: Sequence[Check], docs_root: Path, run_name: str) -> list[ValidationReport]:
+    """`validate` for several suites of one stage run, with ONE data-docs build at the end.
+
+    Why one build: GX rebuilds the site index on every build, reading back every listed
+    validation result, which cost more than rendering the result pages themselves
+    (cProfile of bench_clean); a stage that checks two frames pays it once.
+    """
+    docs_root = Path(docs_root).resolve()
+    with _LOCK, _quiet():
+        context = _context(docs_root)
+        done = [_run_suite(context, c, run_name) for c in checks]
+        pages = _publish(context, done, run_name, docs_root)
+    reports = []
+    for (suite, _, _, outcomes, elapsed), page in zip(done, pages, strict=True):
+        report = ValidationReport(suite=suite.name, outcomes=outcomes, data_docs=page)
+        log.info("%s (%.1fs) data docs: %s", report.summary(), elapsed, page or "not built")
+        for o in report.warnings_failed:
+            log.warning("quality warning %s: %s %s", o.expectation, o.observed_value, o.details)
+        reports.append(report)
+    return reports
+
+
+def _run_suite(context: Any, check: Check, run_name: str) -> tuple[Any, Any, dict[str, Any], list[ExpectationOutcome], float]:
+    """Run one suite on its frame: (GX suite, GX result, parameters, outcomes, seconds)."""
+    suite_name = check.suite
     suite_doc = load_suite(suite_name)
-    params = {k: _json_value(k, v) for k, v in (parameters or {}).items()}
+    params = {k: _json_value(k, v) for k, v in (check.parameters or {}).items()}
     missing = parameter_names(suite_doc) - set(params)
     if missing:
         raise ConfigError(
             f"suite {suite_name!r} needs parameter(s) {sorted(missing)} at validation time; "
             f"got {sorted(params) or 'none'}"
         )
-    docs_root = Path(docs_root).resolve()
-    with _LOCK, _quiet():
-        gx = _gx()
-        context = _context(docs_root)
-        batch = _batch_definition(context, suite_name, pandas=_is_pandas(df)).get_batch(batch_parameters={"dataframe": df})
-        entries = list(enumerate(suite_doc["expectations"]))
-        started = time.perf_counter()
-        # One batch.validate for the whole suite: GX plans all metrics together and
-        # bundles the aggregates into a few Spark jobs.
-        suite = _gx_suite(gx, suite_name, entries, params)
-        result = batch.validate(suite, result_format=RESULT_FORMAT, expectation_parameters=params or None)
-        failed = {_result_index(r) for r in result.results if not r.success and "unexpected_count" in (r.result or {})}
-        if failed:
-            sampled = batch.validate(
-                _gx_suite(gx, suite_name, [(i, e) for i, e in entries if i in failed], params),
-                result_format=SAMPLE_FORMAT, expectation_parameters=params or None,
-            )
-            by_index = {_result_index(r): r for r in sampled.results}
-            result.results = [by_index.get(_result_index(r), r) for r in result.results]
-        elapsed = time.perf_counter() - started
-        outcomes = _outcomes(suite_name, suite_doc, result, params)
-        if on_computed is not None:
-            on_computed(ValidationReport(suite=suite_name, outcomes=outcomes, data_docs=""))
-        page = _publish(context, suite, result, run_name, docs_root, params, outcomes)
-    report = ValidationReport(suite=suite_name, outcomes=outcomes, data_docs=page)
-    log.info("%s (%.1fs) data docs: %s", report.summary(), elapsed, page or "not built")
-    for o in report.warnings_failed:
-        log.warning("quality warning %s: %s %s", o.expectation, o.observed_value, o.details)
-    return report
+    gx = _gx()
+    df = check.df
+    batch = _batch_definition(context, suite_name, pandas=_is_pandas(df)).get_batch(batch_parameters={"dataframe": df})
+    entries = list(enumerate(suite_doc["expectations"]))
+    started = time.perf_counter()
+    # One batch.validate for the whole suite: GX plans all metrics together and
+    # bundles the aggregates into a few Spark jobs.
+    suite = _gx_suite(gx, suite_name, entries, params)
+    result = batch.validate(suite, result_format=RESULT_FORMAT, expectation_parameters=params or None)
+    failed = {_result_index(r) for r in result.results if not r.success and "unexpected_count" in (r.result or {})}
+    if failed:
+        sampled = batch.validate(
+            _gx_suite(gx, suite_name, [(i, e) for i, e in entries if i in failed], params),
+            result_format=SAMPLE_FORMAT, expectation_parameters=params or None,
+        )
+        by_index = {_result_index(r): r for r in sampled.results}
+        result.results = [by_index.get(_result_index(r), r) for r in result.results]
+    outcomes = _outcomes(suite_name, suite_doc, result, params)
+    return suite, result, params, outcomes, time.perf_counter() - started
 
 
 def raise_on_critical(report: ValidationReport) -> None:
@@ -594,22 +617,14 @@ def _fmt_value(value: Any) -> str:
     return str(value)[:200]
 
 
-def _publish(
-    context: Any,
-    suite: Any,
-    result: Any,
-    run_name: str,
-    docs_root: Path,
-    params: dict[str, Any],
-    outcomes: list[ExpectationOutcome],
-) -> str:
-    """Store suite and result, rebuild their docs pages and the index, return the result page's URI.
+def _publish(context: Any, done: Sequence[tuple[Any, Any, dict[str, Any], list[ExpectationOutcome], float]],
+             run_name: str, docs_root: Path) -> list[str]:
+    """Store the suites and results, build their pages and the index once, return each result page's URI.
 
-    The suite is stored too so the index's and the page's links to it resolve. Data docs
-    are a view, not the gate: if GX fails to render, a minimal page with the same
-    outcomes is written instead so the gate still points somewhere useful.
+    The suites are stored too so the index's and the pages' links to them resolve. Data
+    docs are a view, not the gate: if GX fails to render, a minimal page with the same
+    outcomes is written for each result instead, so the gate still points somewhere useful.
     """
-    suite_name = suite.name
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.resource_identifiers import (
         ExpectationSuiteIdentifier,
@@ -619,32 +634,38 @@ def _publish(
     run_time = dt.datetime.now(dt.UTC)
     safe_run = _RUN_NAME_RE.sub("_", run_name).strip("_") or "run"
     run_id = RunIdentifier(run_name=safe_run, run_time=run_time)
-    result.meta["run_id"] = run_id
-    result.meta["validation_time"] = run_time
-    result.meta["streamrank_parameters"] = dict(params)
-    key = ValidationResultIdentifier(
-        expectation_suite_identifier=ExpectationSuiteIdentifier(name=suite_name),
-        run_id=run_id,
-        batch_identifier=result.batch_id or f"{DATASOURCE_NAME}-{suite_name}",
-    )
+    keys = []
     try:
-        context.suites.add_or_update(suite)
-        context.validation_results_store.store_validation_results(result, key)
-        context.build_data_docs(
-            site_names=[SITE_NAME], resource_identifiers=[key, ExpectationSuiteIdentifier(name=suite_name)]
-        )
-        urls = context.get_docs_sites_urls(resource_identifier=key, site_name=SITE_NAME, only_if_exists=False)
-        page = _uri_to_path(urls[0]["site_url"]) if urls and urls[0].get("site_url") else None
-        if page is None or not page.exists():
-            raise FileNotFoundError(f"GX reported {urls}, but no page exists there")
-        _localise(page, docs_root)
-        _localise(docs_root / "expectations" / f"{suite_name}.html", docs_root)
+        for suite, result, params, _, _ in done:
+            result.meta["run_id"] = run_id
+            result.meta["validation_time"] = run_time
+            result.meta["streamrank_parameters"] = dict(params)
+            key = ValidationResultIdentifier(
+                expectation_suite_identifier=ExpectationSuiteIdentifier(name=suite.name),
+                run_id=run_id,
+                batch_identifier=result.batch_id or f"{DATASOURCE_NAME}-{suite.name}",
+            )
+            context.suites.add_or_update(suite)
+            context.validation_results_store.store_validation_results(result, key)
+            keys.append(key)
+        suite_ids = [ExpectationSuiteIdentifier(name=n) for n in dict.fromkeys(suite.name for suite, *_ in done)]
+        context.build_data_docs(site_names=[SITE_NAME], resource_identifiers=[*keys, *suite_ids])
+        pages = []
+        for key in keys:
+            urls = context.get_docs_sites_urls(resource_identifier=key, site_name=SITE_NAME, only_if_exists=False)
+            page = _uri_to_path(urls[0]["site_url"]) if urls and urls[0].get("site_url") else None
+            if page is None or not page.exists():
+                raise FileNotFoundError(f"GX reported {urls}, but no page exists there")
+            _localise(page, docs_root)
+            pages.append(page)
+        for suite_id in suite_ids:
+            _localise(docs_root / "expectations" / f"{suite_id.name}.html", docs_root)
         _localise(docs_root / "index.html", docs_root)
         _add_offline_index(docs_root / "index.html")
     except Exception as exc:  # noqa: BLE001 - rendering must never hide the validation outcome
         log.warning("GX data docs could not be built (%s); writing a plain page instead", exc)
-        page = _fallback_page(docs_root, suite_name, safe_run, run_time, outcomes)
-    return page.resolve().as_uri()
+        pages = [_fallback_page(docs_root, suite.name, safe_run, run_time, outcomes) for suite, _, _, outcomes, _ in done]
+    return [page.resolve().as_uri() for page in pages]
 
 
 def _localise(page: Path, docs_root: Path) -> None:

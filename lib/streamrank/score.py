@@ -757,7 +757,7 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
     QualityGateError (exit 3) before writing anything; on success both score_date = D+1
     partitions are replaced, one commit per table.
     """
-    from streamrank.quality import record_and_gate, validate
+    from streamrank.quality import Check, record_and_gate, validate_all
 
     tomorrow = date + dt.timedelta(days=1)
     cfg = ctx.cfg
@@ -816,8 +816,7 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
             with phases("validate"):
                 docs_root = cfg.reports / "data_docs"
                 run_name = f"score-{date}-{ctx.run_id}"
-                reports = [validate(rankings, RANKINGS_SUITE, docs_root, run_name),
-                           validate(intent, INTENT_SUITE, docs_root, run_name)]
+                reports = validate_all([Check(rankings, RANKINGS_SUITE), Check(intent, INTENT_SUITE)], docs_root, run_name)
             run.metrics["data_docs"] = [r.data_docs for r in reports]
             record_and_gate(reports, ctx.table("ops/dq_results"), ctx.run_id, STAGE, date)
 

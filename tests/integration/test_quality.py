@@ -204,6 +204,30 @@ def test_missing_parameter_is_a_config_error_before_any_spark_work(spark, docs_r
         quality.validate(_summary_df(spark), "silver_day_summary", docs_root, "r", {"min_volume_ratio": 0.5})
 
 
+def test_validate_all_reports_each_suite_on_its_own_page_from_one_build(spark, conf, docs_root: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import great_expectations as gx
+
+    builds = []
+    real = gx.data_context.AbstractDataContext.build_data_docs
+    monkeypatch.setattr(gx.data_context.AbstractDataContext, "build_data_docs",
+                        lambda self, *a, **k: builds.append(k) or real(self, *a, **k))
+    silver = _silver_df(spark, _silver_rows(10)).cache()
+    summary = _summary_df(spark, duplicates_dropped=5)
+    reports = quality.validate_all([quality.Check(silver, "silver_viewer_events"),
+                                    quality.Check(summary, "silver_day_summary", _summary_params(conf))],
+                                   docs_root, "clean-2026-11-01-both")
+    silver.unpersist()
+    assert len(builds) == 1
+    assert [r.suite for r in reports] == ["silver_viewer_events", "silver_day_summary"]
+    assert reports[0].passed and [o.column for o in reports[1].critical_failures] == ["conservation_gap"]
+    pages = [r.data_docs_path for r in reports]
+    assert pages[0] != pages[1] and all(p is not None and p.is_file() for p in pages)
+    assert "conservation_gap" in pages[1].read_text(encoding="utf-8")
+    listed = (docs_root / "index.html").read_text(encoding="utf-8").split(quality._OFFLINE_START)[1]
+    assert all(p.relative_to(docs_root.resolve()).as_posix() in listed for p in pages)
+
+
 # ---------------------------------------------------------------------------- silver
 
 
