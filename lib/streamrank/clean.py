@@ -461,11 +461,11 @@ def to_quarantine(labelled: DataFrame, run_id: str, day: dt.date, quarantined_at
     """
     rejected = labelled.filter(F.col("outcome") == _OUTCOME_QUARANTINE)
     if bot_raw is not None:
-        fetched = F.col("raw_line").isNull()
-        rejected = rejected.join(F.broadcast(bot_raw), ["source_file", "line_number"], "left").select(
-            "*", F.when(fetched, F.col("_bot_raw_line")).otherwise(F.col("raw_line")).alias("_raw"),
-            F.when(fetched, F.col("_bot_event_ts")).otherwise(F.col("event_ts")).alias("_event_ts"),
-        ).drop("raw_line", "event_ts").withColumnsRenamed({"_raw": "raw_line", "_event_ts": "event_ts"})
+        fetched = F.col("raw_line").isNull()  # no row-level reason: only `bot` put it here
+        rejected = rejected.join(F.broadcast(bot_raw), ["source_file", "line_number"], "left").withColumns({
+            "event_ts": F.when(fetched, F.col("_bot_event_ts")).otherwise(F.col("event_ts")),
+            "raw_line": F.when(fetched, F.col("_bot_raw_line")).otherwise(F.col("raw_line")),
+        })
     return rejected.select(
         "raw_line", "source_file", "line_number", "event_id", "viewer_id", "event_type", "event_ts", "reasons",
         F.lit(run_id).alias("clean_run_id"),
