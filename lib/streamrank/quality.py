@@ -13,8 +13,8 @@ and Spark runs few jobs over the (cached) frame; only when column checks fail do
 second, smaller call fetch samples of the offending values for just those checks. The
 result is stored in a file-backed GX project under `<docs_root>/../gx` (never in the
 repository) and the data docs site under `docs_root` is rebuilt incrementally for the
-stage's results (one build, `validate_all`), so the operator can open the exact page a failed gate points to straight
-from disk. (GX's pages take their CSS/JS from public CDNs: offline they are unstyled but
+stage's results (one build, `validate_all`), so the operator can open the exact page a
+failed gate points to straight from disk. (GX's pages take their CSS/JS from public CDNs: offline they are unstyled but
 complete, and the index gets a plain list of pages for that case.)
 
 Great Expectations is imported lazily: it costs seconds to import, and most CLI
@@ -337,10 +337,11 @@ def validate_all(checks: Sequence[Check], docs_root: Path, run_name: str) -> lis
     validation result, which cost more than rendering the result pages themselves
     (cProfile of bench_clean); a stage that checks two frames pays it once.
     """
+    prepared = [(c, *_suite_and_parameters(c)) for c in checks]  # every ConfigError before any Spark work
     docs_root = Path(docs_root).resolve()
     with _LOCK, _quiet():
         context = _context(docs_root)
-        done = [_run_suite(context, c, run_name) for c in checks]
+        done = [_run_suite(context, c, suite_doc, params) for c, suite_doc, params in prepared]
         pages = _publish(context, done, run_name, docs_root)
     reports = []
     for (suite, _, _, outcomes, elapsed), page in zip(done, pages, strict=True):
@@ -352,17 +353,23 @@ def validate_all(checks: Sequence[Check], docs_root: Path, run_name: str) -> lis
     return reports
 
 
-def _run_suite(context: Any, check: Check, run_name: str) -> tuple[Any, Any, dict[str, Any], list[ExpectationOutcome], float]:
-    """Run one suite on its frame: (GX suite, GX result, parameters, outcomes, seconds)."""
-    suite_name = check.suite
-    suite_doc = load_suite(suite_name)
+def _suite_and_parameters(check: Check) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The check's suite file and its JSON-ready parameters; ConfigError if one is missing."""
+    suite_doc = load_suite(check.suite)
     params = {k: _json_value(k, v) for k, v in (check.parameters or {}).items()}
     missing = parameter_names(suite_doc) - set(params)
     if missing:
         raise ConfigError(
-            f"suite {suite_name!r} needs parameter(s) {sorted(missing)} at validation time; "
+            f"suite {check.suite!r} needs parameter(s) {sorted(missing)} at validation time; "
             f"got {sorted(params) or 'none'}"
         )
+    return suite_doc, params
+
+
+def _run_suite(context: Any, check: Check, suite_doc: dict[str, Any], params: dict[str, Any]
+               ) -> tuple[Any, Any, dict[str, Any], list[ExpectationOutcome], float]:
+    """Run one suite on its frame: (GX suite, GX result, parameters, outcomes, seconds)."""
+    suite_name = check.suite
     gx = _gx()
     df = check.df
     batch = _batch_definition(context, suite_name, pandas=_is_pandas(df)).get_batch(batch_parameters={"dataframe": df})

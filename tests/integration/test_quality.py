@@ -199,9 +199,19 @@ def test_unknown_expectation_type_and_bad_kwargs_are_config_errors(tmp_path: Pat
         quality.load_suite("broken", suite_dir=tmp_path)
 
 
-def test_missing_parameter_is_a_config_error_before_any_spark_work(spark, docs_root: Path) -> None:
+def test_missing_parameter_is_a_config_error_before_any_spark_work(spark, docs_root: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+    real_run = quality._run_suite
+    monkeypatch.setattr(quality, "_run_suite", lambda ctx, check, *a: ran.append(check.suite) or real_run(ctx, check, *a))
     with pytest.raises(ConfigError, match="max_quarantine_ratio"):
         quality.validate(_summary_df(spark), "silver_day_summary", docs_root, "r", {"min_volume_ratio": 0.5})
+    # in a batch, the second suite's missing parameter stops it before the first suite runs
+    with pytest.raises(ConfigError, match="max_quarantine_ratio"):
+        quality.validate_all([quality.Check(_silver_df(spark, _silver_rows(2)), "silver_viewer_events"),
+                              quality.Check(_summary_df(spark), "silver_day_summary", {"min_volume_ratio": 0.5})],
+                             docs_root, "r2")
+    assert ran == []
 
 
 def test_validate_all_reports_each_suite_on_its_own_page_from_one_build(spark, conf, docs_root: Path,
