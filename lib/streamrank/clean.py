@@ -533,14 +533,16 @@ def trailing_median_rows(ctx: Context, day: dt.date, days: int = 7) -> float | N
     """Median silver rows of the last `days` ingest dates before D, from ops/job_runs.
 
     The latest successful clean run per date counts (re-runs replace their partition).
-    Read through delta-rs and pyarrow: a few hundred rows, not worth a Spark job.
+    Read through delta-rs and pyarrow, and only the run_date partitions of those days: a
+    few dozen rows, not worth a Spark job, and not the table's whole history either.
     """
     table = ctx.table("ops/job_runs")
     if not table.exists():
         return None
     lo = day - dt.timedelta(days=days)
     latest: dict[dt.date, tuple[dt.datetime, int]] = {}
-    for r in table.to_arrow().to_pylist():
+    window = [lo + dt.timedelta(days=i) for i in range(days)]
+    for r in table.to_arrow(partitions={"run_date": window}).to_pylist():
         run_date = r.get("run_date")
         if r.get("stage") != STAGE or r.get("status") != "success" or run_date is None or not lo <= run_date < day:
             continue
@@ -627,7 +629,8 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
                                for t, df in ((silver_t, silver), (quarantine_t, quarantine)))
 
             try:
-                _audit(ctx, day, run, phases, labelled, silver, bronze_rows, len(bots), start_writes)
+                _audit(ctx, day, run, phases, labelled, lambda: staged_frame(staging[0], silver), bronze_rows,
+                       len(bots), start_writes)
                 with phases("publish"):  # waits for the files, then two small commits, journaled as one
                     staged = [f.result() for f in staging]
                     publish_staged(ctx, STAGE, run, list(zip((SILVER, QUARANTINE), staged, strict=True)))
@@ -643,12 +646,13 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
             release(df)
 
 
-def _audit(ctx: Context, day: dt.date, run: StageRun, phases: PhaseTimer, labelled: DataFrame, silver: DataFrame,
-           bronze_rows: int, bot_viewers: int, start_writes: Callable[[], None]) -> None:
+def _audit(ctx: Context, day: dt.date, run: StageRun, phases: PhaseTimer, labelled: DataFrame,
+           silver: Callable[[], DataFrame], bronze_rows: int, bot_viewers: int, start_writes: Callable[[], None]) -> None:
     """Conservation, then the GX gate: raises (nothing may be published) unless both pass.
 
-    `start_writes` is called once the counts conserve, before GX runs: the staged writes
-    then use the cores while GX's Python (planning, results, data docs) runs on the driver.
+    `start_writes` is called once the counts conserve, before GX runs: GX checks the day
+    summary while the staged writes use the cores, then `silver()` (`staged_frame`), the
+    silver rows about to be published.
     """
     from streamrank.quality import Check, record_and_gate, validate_all
 
@@ -678,11 +682,23 @@ def _audit(ctx: Context, day: dt.date, run: StageRun, phases: PhaseTimer, labell
     band = float(ctx.cfg.get("quality.volume_band", 0.5))
     params = {"max_quarantine_ratio": float(ctx.cfg.get("quality.max_quarantine_ratio", 0.1)),
               "min_volume_ratio": 1.0 - band, "max_volume_ratio": 1.0 + band}
-    with phases("validate"):  # the summary (pandas, in Python) first, then GX's jobs over the silver frame
+    with phases("validate"):  # the summary (pandas, in Python) first, then GX's jobs over the staged silver files
         reports = validate_all([Check(summary_frame(summary), SUMMARY_SUITE, params), Check(silver, SILVER_SUITE)],
                                ctx.cfg.reports / "data_docs", f"clean-{day}-{run_id}")
     run.metrics["data_docs"] = [r.data_docs for r in reports]
     record_and_gate(reports, ctx.table("ops/dq_results"), run_id, STAGE, day)
+
+
+def staged_frame(staged: Future[StagedWrite], frame: DataFrame) -> DataFrame:
+    """The staged write's files as a frame once they are written; `frame` itself on an
+    engine that writes only at commit.
+
+    Write, audit, publish: the gate checks the bytes it is about to publish, and reading
+    the files' needed columns costs less than recomputing the frame for each GX job (at
+    scale 1, the median clean went from 12.3 to 10.8 s; see README).
+    """
+    written = staged.result().read()
+    return frame if written is None else written
 
 
 def _discard(staging: Sequence[Future[StagedWrite]]) -> None:

@@ -81,10 +81,11 @@ class StagedWrite:
     engine delta-spark has no uncommitted files to offer, so the whole write runs at commit.
     """
 
-    def __init__(self, table: str, rows: int, commit: Callable[[], CommitResult], discard: Callable[[], None]) -> None:
+    def __init__(self, table: str, rows: int, commit: Callable[[], CommitResult], discard: Callable[[], None],
+                 read: Callable[[], DataFrame] | None = None) -> None:
         self.table = table
         self.rows = rows  # rows in the staged files; -1 when the engine writes at commit
-        self._commit, self._discard = commit, discard
+        self._commit, self._discard, self._read = commit, discard, read
         self.state = "staged"
 
     def __repr__(self) -> str:
@@ -102,6 +103,18 @@ class StagedWrite:
             raise
         self.state = "committed"
         return result
+
+    def read(self) -> DataFrame | None:
+        """The staged rows as a Spark frame over exactly the staged Parquet files, in table
+        column order; None on the spark engine, which has no files before its commit.
+
+        Why: an audit of what is about to be published should read what was written, not
+        recompute it. Reading the files also costs less than recomputing the frame's
+        lineage, as each check reads only the columns it needs.
+        """
+        if self.state != "staged":
+            raise StreamrankError(f"staged write to {self.table} is {self.state}: its files are no longer staged")
+        return None if self._read is None else self._read()
 
     def discard(self) -> None:
         """Delete the staged files; the table is left exactly as it was."""
@@ -305,16 +318,19 @@ class DeltaTable:
             reader = reader.option("basePath", self.uri)
         return reader.parquet(*[path for path, _ in files]).select(*schema.fieldNames())
 
-    def to_arrow(self, version: int | None = None) -> pa.Table:
-        """The table without Spark: delta-rs picks the snapshot's files, pyarrow reads them.
+    def to_arrow(self, version: int | None = None, partitions: Where | None = None) -> pa.Table:
+        """The table (or some partitions of it) without Spark: delta-rs picks the snapshot's
+        files, pyarrow reads them.
 
-        (delta-rs's own to_pyarrow_table needs pyarrow >= 15 for string views; the stack
-        pins pyarrow 14 for Petastorm, so the files are read here with their partition
-        values added back as typed columns.)
+        `partitions` reads only the files of those partition values: an ops table gains
+        files every night, and a stage that needs last week's rows should not read its
+        whole history. (delta-rs's own to_pyarrow_table needs pyarrow >= 15 for string
+        views; the stack pins pyarrow 14 for Petastorm, so the files are read here with
+        their partition values added back as typed columns.)
         """
         schema = arrow_schema(self.spec.schema)
         pieces = []
-        for path, parts in self._files(self._snapshot(version)):
+        for path, parts in self._partition_files(self._snapshot(version), partitions):
             piece = pq.read_table(path)
             for field in schema:  # a column added after this file was written reads as null
                 if field.name not in piece.column_names and field.name not in self.spec.partition_by:
@@ -334,15 +350,17 @@ class DeltaTable:
             if partitions:
                 df = df.filter(_where_column(partitions))
             return sorted(df.inputFiles())
+        return sorted(f"file://{path}" for path, _ in self._partition_files(self._snapshot(version), partitions))
+
+    def _partition_files(self, snapshot: deltalake.DeltaTable, partitions: Where | None
+                         ) -> list[tuple[str, dict[str, str | None]]]:
+        """`_files` of the partitions whose values are in `partitions` (all without it)."""
         wanted = {c: {_to_text(v) for v in (vals if isinstance(vals, (list, tuple, set)) else [vals])}
                   for c, vals in (partitions or {}).items()}
         unknown = sorted(set(wanted) - set(self.spec.partition_by))
         if unknown:
             raise StreamrankError(f"files of {self.spec.name}: {unknown} are not partition columns {list(self.spec.partition_by)}")
-        return sorted(
-            f"file://{path}" for path, parts in self._files(self._snapshot(version))
-            if all(parts[c] in vals for c, vals in wanted.items())
-        )
+        return [(path, parts) for path, parts in self._files(snapshot) if all(parts[c] in vals for c, vals in wanted.items())]
 
     def _files(self, snapshot: deltalake.DeltaTable) -> list[tuple[str, dict[str, str | None]]]:
         actions = _add_actions(snapshot)
@@ -637,7 +655,13 @@ class DeltaTable:
             version = _committed_version(self.uri, commit_id, snapshot.version() + 1)
             return CommitResult(version, rows, len(adds), len(remove_actions))
 
-        return StagedWrite(self.spec.name, rows, commit, unlink)
+        def read() -> DataFrame:
+            if not adds:  # nothing written: an empty frame of the table's schema, not a read error
+                return self.spark.createDataFrame([], self.spec.schema)
+            return (self.spark.read.schema(self.spec.schema).option("basePath", self.uri)
+                    .parquet(*[str(Path(self.path, a.path)) for a in adds]).select(*self.spec.schema.fieldNames()))
+
+        return StagedWrite(self.spec.name, rows, commit, unlink, read)
 
     def _check_rows_match(self, new_rows: DataFrame, adds: list[AddAction], where: Where) -> None:
         """Delta's replaceWhere contract: every new row matches the predicate.

@@ -26,7 +26,7 @@ STAGE_ORDER = ["ingest", "clean", "features", "train", "evaluate", "promote", "s
 
 def succeeded_stages(ctx: Context, date: dt.date) -> set[str]:
     """Stages with a success row in ops/job_runs for D (read without Spark)."""
-    runs = ctx.table("ops/job_runs").to_arrow().to_pylist()
+    runs = ctx.table("ops/job_runs").to_arrow(partitions={"run_date": date}).to_pylist()
     return {r["stage"] for r in runs if r["run_date"] == date and r["status"] == "success"}
 
 

@@ -307,9 +307,15 @@ def _to_expectation(entry: dict[str, Any], index: int, description: str | None =
 class Check:
     """One suite to run on one frame: what `validate_all` takes, in the order given."""
 
-    df: Any  # a Spark DataFrame (cached by the caller) or a small pandas DataFrame
+    df: Any  # a Spark DataFrame (cached by the caller), a small pandas DataFrame, or a function returning one
     suite: str
     parameters: dict[str, Any] | None = None
+
+    def frame(self) -> Any:
+        """The frame to validate. A function is called only when its suite's turn comes, so a
+        stage can list first a check that is ready now and then one whose files are still
+        being written (clean validates its day summary while silver's staged write runs)."""
+        return self.df() if callable(self.df) else self.df
 
 
 def validate(
@@ -371,7 +377,7 @@ def _run_suite(context: Any, check: Check, suite_doc: dict[str, Any], params: di
     """Run one suite on its frame: (GX suite, GX result, parameters, outcomes, seconds)."""
     suite_name = check.suite
     gx = _gx()
-    df = check.df
+    df = check.frame()
     batch = _batch_definition(context, suite_name, pandas=_is_pandas(df)).get_batch(batch_parameters={"dataframe": df})
     entries = list(enumerate(suite_doc["expectations"]))
     started = time.perf_counter()

@@ -196,7 +196,7 @@ def _log_to_mlflow(ctx: Context, date: dt.date, report_dir: Path) -> str | None:
     from streamrank.registry import setup_mlflow
 
     setup_mlflow(ctx.cfg)
-    runs = [r for r in ctx.table("ops/job_runs").to_arrow().to_pylist()
+    runs = [r for r in ctx.table("ops/job_runs").to_arrow(partitions={"run_date": date}).to_pylist()
             if r["run_date"] == date and r["stage"] == "train" and r["status"] == "success" and r["mlflow_run_id"]]
     run_id = sorted(runs, key=lambda r: r["ended_at"])[-1]["mlflow_run_id"] if runs else None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"report-{date}") as active:

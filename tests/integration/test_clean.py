@@ -113,6 +113,13 @@ def test_ledger_counts_land_where_they_should(world):
     assert sum(1 for r in runs if r["stage"] == "clean" and r["status"] == "success") == 2
 
 
+def test_volume_ratio_is_against_the_trailing_median_of_earlier_days(world):
+    """D2's volume is compared with D1's silver rows (the only earlier day); D1 has no history."""
+    m = world["metrics"]
+    assert m[D1]["volume_ratio"] is None
+    assert m[D2]["volume_ratio"] == round(m[D2]["silver_rows"] / m[D1]["silver_rows"], 4)
+
+
 def test_rerun_leaves_identical_tables(world):
     ctx: Context = world["ctx"]
     silver_t, quarantine_t = ctx.table("silver/viewer_events"), ctx.table("silver/quarantine")
@@ -156,6 +163,33 @@ def test_silver_suite_failure_publishes_nothing_and_leaves_no_files(world, monke
     assert sorted(t.spec.name for t in staged) == ["silver/quarantine", "silver/viewer_events"]
     assert (silver_t.version(), quarantine_t.version()) == versions
     assert _parquet_files(silver_t, quarantine_t) == files
+
+
+def test_silver_gate_reads_the_files_it_publishes(world, monkeypatch):
+    """Write, audit, publish: GX's silver suite reads exactly the Parquet files that the new
+    silver version then adds (not a recomputation of the frame), and sees all their rows."""
+    from streamrank import quality
+
+    ctx: Context = world["ctx"]
+    silver_t = ctx.table("silver/viewer_events")
+    before = set(_parquet_files(silver_t))
+    audited: dict[str, tuple[set[Path], int]] = {}
+    real = quality.validate_all
+
+    def spy(checks, *a, **k):
+        for c in checks:
+            df = c.frame()
+            if not hasattr(df, "inputFiles"):
+                continue  # the pandas day summary
+            audited[c.suite] = ({Path(f.removeprefix("file:")) for f in df.inputFiles()}, df.count())
+        return real(checks, *a, **k)
+
+    monkeypatch.setattr(quality, "validate_all", spy)
+    metrics = clean(ctx, D1)
+    added = set(_parquet_files(silver_t)) - before
+    files, rows = audited["silver_viewer_events"]
+    assert files and files == added
+    assert rows == metrics["silver_rows"] == world["metrics"][D1]["silver_rows"]
 
 
 def _parquet_files(*tables) -> list[Path]:

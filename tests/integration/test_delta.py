@@ -68,6 +68,10 @@ def test_append_read_and_interop(spark, wh):
     assert len(arrow) == 3000
     assert sorted(arrow["metric"]) == sorted(r[5] for r in expected)
     assert sorted(str(d) for d in arrow["run_date"].unique()) == [str(D1), str(D2), str(D3)]
+    some = table.to_arrow(partitions={"run_date": [D1, D3]}).to_pylist()  # only those partitions' files
+    want = rows_of(table.read().filter(F.col("run_date").isin([D1, D3])), "metric", "value", "run_date")
+    assert len(want) == 2000 and sorted((r["metric"], r["value"], r["run_date"]) for r in some) == want
+    assert table.to_arrow(partitions={"run_date": dt.date(2020, 1, 1)}).num_rows == 0
     # the log is plain Delta: protocol, metaData, add actions with stats and record counts
     log = [json.loads(line) for line in (Path(table.uri) / "_delta_log" / "00000000000000000001.json").read_text().splitlines()]
     adds = [a["add"] for a in log if "add" in a]
@@ -147,7 +151,15 @@ def test_staged_overwrite_is_invisible_until_commit_and_discard_leaves_no_files(
     assert staged.rows == 100 and table.version() == 1
     assert rows_of(table.read()) == before  # staged files are not in the table
     assert len(list(Path(table.uri).rglob("*.parquet"))) > len(on_disk)
+    # the audit reads exactly the staged files, the partition column included
+    assert rows_of(staged.read()) == rows_of(day2.select(*table.spec.schema.fieldNames()))
+    assert staged.read().columns == table.spec.schema.fieldNames()
     staged.discard()
+    with pytest.raises(StreamrankError, match="is discarded"):
+        staged.read()
+    empty = table.stage_overwrite(day2.limit(0), where={"run_date": D2})
+    assert empty.rows == 0 and empty.read().count() == 0 and empty.read().columns == table.spec.schema.fieldNames()
+    empty.discard()
     staged.discard()  # a second discard does nothing
     assert sorted(Path(table.uri).rglob("*.parquet")) == on_disk and table.version() == 1
     with pytest.raises(StreamrankError, match="already discarded"):
