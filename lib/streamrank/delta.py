@@ -104,9 +104,10 @@ class StagedWrite:
         self.state = "committed"
         return result
 
-    def read(self) -> DataFrame | None:
+    def read(self, fallback: DataFrame | None = None) -> DataFrame | None:
         """The staged rows as a Spark frame over exactly the staged Parquet files, in table
-        column order; None on the spark engine, which has no files before its commit.
+        column order; `fallback` (the frame that was written) on the spark engine, which
+        has no files before its commit.
 
         Why: an audit of what is about to be published should read what was written, not
         recompute it. Reading the files also costs less than recomputing the frame's
@@ -114,7 +115,7 @@ class StagedWrite:
         """
         if self.state != "staged":
             raise StreamrankError(f"staged write to {self.table} is {self.state}: its files are no longer staged")
-        return None if self._read is None else self._read()
+        return fallback if self._read is None else self._read()
 
     def discard(self) -> None:
         """Delete the staged files; the table is left exactly as it was."""

@@ -41,13 +41,14 @@ What is scored, and why it is built this way:
   P(purchase tomorrow), pooled by the model over the viewer's K ranked candidates plus
   its background term (training pooled over ~features.cand_size schedule candidates).
   purchase_power: monetary_30d, the viewer's spend over the 30 days up to D.
-- Publishing: the per-viewer result is cached once, so both expectation suites and both
-  writes reuse it without re-running the model. Both suites run before either table is
-  written; their results go to ops/dq_results; a critical failure raises
-  QualityGateError (exit 3) with nothing published. Each table's score_date = D+1
-  partition is then replaced in one atomic Delta commit (rankings, then intent: Delta
-  has no cross-table transaction, so a crash between the two leaves rankings of this run
-  next to intent scores of the previous one until the re-run, which the nightly makes).
+- Publishing (write, audit, publish): the per-viewer result is cached once, so both
+  writes reuse it without re-running the model. Both tables' files are staged (written,
+  invisible), and the two expectation suites read those staged files, so the gate
+  audits exactly what would be published; their results go to ops/dq_results. A
+  critical failure raises QualityGateError (exit 3): the staged files are deleted and
+  nothing is published. Otherwise each table's score_date = D+1 partition is replaced
+  in one Delta commit per table, journaled so that a crash between the two leaves both
+  tables at their previous versions once the next stage run recovers (publish).
 - Precision (``score.precision``): the encoder and the intent head run in bfloat16 when
   the driver's CPU multiplies bf16 natively (AMX or AVX512-BF16; ``auto``), else float32.
   Measured with a model trained on the scale-1 week (holdout of 114,704 rows): NDCG@10
@@ -754,8 +755,9 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
     """Score the active viewers of D against the streams of D+1 and publish both tables.
 
     Raises NoChampionError / MissingInputError (exit 5) before reading much, and
-    QualityGateError (exit 3) before writing anything; on success both score_date = D+1
-    partitions are replaced, one commit per table.
+    QualityGateError (exit 3) before publishing anything (the files it had staged for the
+    gate to audit are deleted); on success both score_date = D+1 partitions are replaced,
+    one commit per table.
     """
     from streamrank.quality import Check, record_and_gate, validate_all
 
@@ -813,19 +815,24 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
             rankings = rankings_frame(scored, cand_df, tomorrow, champion.version, ctx.run_id)
             intent = intent_frame(scored, tomorrow, champion.version, ctx.run_id)
 
-            with phases("validate"):
-                docs_root = cfg.reports / "data_docs"
-                run_name = f"score-{date}-{ctx.run_id}"
-                reports = validate_all([Check(rankings, RANKINGS_SUITE), Check(intent, INTENT_SUITE)], docs_root, run_name)
-            run.metrics["data_docs"] = [r.data_docs for r in reports]
-            record_and_gate(reports, ctx.table("ops/dq_results"), ctx.run_id, STAGE, date)
-
-            with phases("publish"):
-                commit = {"stage": STAGE, "run_id": ctx.run_id, "score_date": tomorrow.isoformat(),
-                          "model": champion.name, "model_version": champion.version}
-                with StagedTables(ctx, STAGE, run) as out:  # both tables, or after a crash neither
-                    for name, frame in ((RANKINGS, rankings), (INTENT, intent)):
-                        out.stage(name, frame, {"score_date": tomorrow}, commit)
+            # Write, audit, publish: both tables' files are staged (invisible), GX audits the
+            # staged files, and they are committed only if every critical check passed;
+            # leaving the block by an exception deletes them.
+            commit = {"stage": STAGE, "run_id": ctx.run_id, "score_date": tomorrow.isoformat(),
+                      "model": champion.name, "model_version": champion.version}
+            with StagedTables(ctx, STAGE, run) as out:  # both tables, or after a crash neither
+                with phases("write"):
+                    staged = [(out.stage(name, frame, {"score_date": tomorrow}, commit), frame)
+                              for name, frame in ((RANKINGS, rankings), (INTENT, intent))]
+                with phases("validate"):
+                    docs_root = cfg.reports / "data_docs"
+                    run_name = f"score-{date}-{ctx.run_id}"
+                    checks = [Check(write.read(frame), suite) for (write, frame), suite in zip(
+                        staged, (RANKINGS_SUITE, INTENT_SUITE), strict=True)]
+                    reports = validate_all(checks, docs_root, run_name)
+                run.metrics["data_docs"] = [r.data_docs for r in reports]
+                record_and_gate(reports, ctx.table("ops/dq_results"), ctx.run_id, STAGE, date)
+                with phases("publish"):
                     out.publish()
         finally:
             scored.unpersist()

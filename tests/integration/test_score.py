@@ -32,7 +32,7 @@ from pyspark.sql import functions as F
 
 from streamrank.cli import main as cli_main
 from streamrank.context import Context
-from streamrank.delta import Warehouse
+from streamrank.delta import StagedWrite, Warehouse
 from streamrank.errors import MissingInputError, NoChampionError, QualityGateError
 from streamrank.features import EVENT_TYPES
 from streamrank.model import ModelConfig, StreamRankModel, apply_calibration, load_model
@@ -382,10 +382,17 @@ def test_critical_failure_publishes_nothing(world, spark):
     wh.table("gold/vocabularies").append(spark.createDataFrame(
         [(k, t, i, prev) for k, m in FEATURE_VOCAB.items() for t, i in m.items()], table_spec("gold/vocabularies").schema))
     before = {n: wh.table(n).version() for n in ("gold/user_product_rankings", "gold/user_intent_scores")}
-    with pytest.raises(QualityGateError) as err:
-        score(Context(conf), prev)
+    files = sorted(p for n in before for p in Path(wh.table(n).uri).rglob("*.parquet"))
+    staged = []
+    real = StagedWrite.read
+    with pytest.MonkeyPatch.context() as mp:  # the gate read the staged files of both tables
+        mp.setattr(StagedWrite, "read", lambda self, fallback=None: staged.append(self.table) or real(self, fallback))
+        with pytest.raises(QualityGateError) as err:
+            score(Context(conf), prev)
     assert err.value.exit_code == 3 and "viewer_id" in str(err.value)
+    assert staged == list(before)
     assert {n: wh.table(n).version() for n in before} == before
+    assert sorted(p for n in before for p in Path(wh.table(n).uri).rglob("*.parquet")) == files  # staged files deleted
 
 
 # ----------------------------------------------------------------------------- pure pieces
