@@ -341,6 +341,12 @@ def test_spark_engine_when_delta_jars_load(spark, conf):
     table.overwrite(eval_rows(spark, 5, run_id="r9", dates=(D1,)), where={"run_date": D1})
     assert table.restore(v) == v + 2
     assert table.read().count() == 30 and table.read().filter("run_id = 'r9'").count() == 0
+    # write, audit, publish: no files before the commit, so the audit reads the frame itself
+    frame = eval_rows(spark, 3, run_id="r8", dates=(D2,))
+    staged = table.stage_overwrite(frame, where={"run_date": D2})
+    assert staged.read(frame) is frame and staged.read() is None
+    staged.commit()
+    assert table.read().filter("run_id = 'r8'").count() == 3
 
 
 def test_restore_brings_back_a_version_as_a_new_commit(spark, wh):
