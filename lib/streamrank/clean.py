@@ -54,9 +54,10 @@ bronze during the quarantine write (`bot_lines`), so bronze is scanned once in f
 dedup plan is one aggregation over the frame, cached and broadcast; the four
 conservation counts and the per-reason counts are ONE aggregation. Write, audit,
 publish: once the counts conserve, the silver and quarantine files are written (staged,
-invisible to readers) in two threads while GX checks the day summary and the silver
-frame, so the cores write while the driver runs GX's Python; the two commits happen
-only if every check passed, otherwise the staged files are deleted. The commits are
+invisible to readers) in two threads while GX checks the day summary, then GX checks
+the staged silver files themselves (the bytes about to be published, read column by
+column instead of recomputing the frame); the two commits happen only if every check
+passed, otherwise the staged files are deleted. The commits are
 journaled (publish.py), so a kill between them is rolled back by the next stage run.
 Catalog and schedule ids are collected (one small job) into hash-set lookups instead of
 broadcast joins, sent to the JVM as one parsed IN expression (`in_set`), not one py4j

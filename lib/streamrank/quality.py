@@ -9,7 +9,8 @@ quarantine ratio, the trailing 7-day volume band) are GX `{"$PARAMETER": "name"}
 references that the stage fills at validation time, so the suite files stay static.
 
 The whole suite is one `batch.validate(suite)` call, so GX plans all metrics together
-and Spark runs few jobs over the (cached) frame; only when column checks fail does a
+and Spark runs few jobs over the frame (the clean and score stages pass their staged
+files, so the gate reads what it would publish); only when column checks fail does a
 second, smaller call fetch samples of the offending values for just those checks. The
 result is stored in a file-backed GX project under `<docs_root>/../gx` (never in the
 repository) and the data docs site under `docs_root` is rebuilt incrementally for the
