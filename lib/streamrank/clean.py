@@ -749,9 +749,9 @@ def _known_ids(ctx: Context, run: StageRun, day: dt.date) -> tuple[set[str], set
 
     Read through delta-rs and pyarrow, only the snapshot partitions needed: a few thousand
     ids are not worth a Spark job (0.2-0.25 s of a warm scale-1 clean). They become
-    hash-set lookups in the labelling scan. A missing catalog or schedule of D is a missing input (exit
-    5, as ingest treats them), not a day on which every product or stream is unknown;
-    D-1's schedule is optional (a warehouse's first day has none).
+    hash-set lookups in the labelling scan. A missing catalog or schedule of D is a
+    missing input (exit 5, as ingest treats them), not a day on which every product or
+    stream is unknown; D-1's schedule is optional (a warehouse's first day has none).
     """
     products_t, streams_t = ctx.table(PRODUCTS), ctx.table(STREAMS)
     pv, sv = products_t.version(), streams_t.version()
