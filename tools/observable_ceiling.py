@@ -167,10 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     n_ids = max(counts.shape[0], *(int(h.cand_products.max()) + 1 for h in splits.values()),
                 *(int(h.hist_product.max()) + 1 for h in splits.values()))
     counts = np.pad(counts, (0, n_ids - counts.shape[0]))
-    category = np.zeros(n_ids, np.int64)
-    for h in splits.values():  # product -> category as the histories saw it
-        seen = h.hist_product > 0
-        category[h.hist_product[seen]] = h.hist_category[seen]
+    known = np.asarray(E.product_categories(ctx, args.date, vocab), dtype=np.int64)  # the model's own lookup
+    category = np.pad(known, (0, max(0, n_ids - known.shape[0])))[:n_ids]
     brand, price = _catalog_maps(ctx, args.date, vocab.get("product") or {}, n_ids)
     figures = {**ranking(splits["train"], splits["test"], PairFeatures(counts, category, brand, price), counts),
                **intent(splits["train"], splits["test"])}
