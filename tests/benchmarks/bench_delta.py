@@ -3,6 +3,12 @@
 The rs engine adds: a move of each file into its partition directory, a footer read per
 file for statistics, and one delta-rs commit; reads add a snapshot load. The ratios
 show what that costs relative to the work Spark does anyway.
+
+Like bench_ingest and bench_clean: one warm-up of each side, then the two sides in
+alternating order, medians compared. Why: run one after the other, the first side paid
+the JVM warming up to a new query plan, and a sub-second read's figure moved with the
+order alone (1.16 and 1.24 in two full runs; 1.02 and 0.96 alternating).
+Reads take 5 repetitions: each is about a second, so noise weighs more than in writes.
 """
 
 from __future__ import annotations
@@ -34,13 +40,17 @@ def frame(spark: SparkSession, rows: int):
     )
 
 
-def _median(fn, reps: int) -> float:
-    times = []
+def _alternating_medians(ours, ref, reps: int) -> tuple[float, float]:
+    """Median seconds of `ours` and of `ref`, after a warm-up of each, in alternating order."""
+    ours()
+    ref()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for side, fn in enumerate((ours, ref)):
+            t0 = time.perf_counter()
+            fn()
+            times[side].append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool) -> list[dict]:
@@ -61,14 +71,12 @@ def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool) -> list[di
         shutil.rmtree(plain, ignore_errors=True)
         df.write.partitionBy("score_date").parquet(str(plain / str(next(counter))))
 
-    w_ours = _median(ours_write, 3)
-    w_ref = _median(ref_write, 3)
+    w_ours, w_ref = _alternating_medians(ours_write, ref_write, 3)
     table = Warehouse(spark, wh_cfg, engine="rs").table("gold/user_product_rankings")
     ref_path = str(plain / str(next(counter)))
     df.write.partitionBy("score_date").parquet(ref_path)
     scan = lambda d: d.agg(F.sum("score"), F.countDistinct("viewer_id"), F.max("slot_start")).collect()  # noqa: E731
-    r_ours = _median(lambda: scan(table.read()), 3)
-    r_ref = _median(lambda: scan(spark.read.parquet(ref_path)), 3)
+    r_ours, r_ref = _alternating_medians(lambda: scan(table.read()), lambda: scan(spark.read.parquet(ref_path)), 5)
     df.unpersist()
     return [
         {"name": "delta_write", "ours_s": w_ours, "reference": f"df.write.parquet ({rows} rows)", "reference_s": w_ref,
