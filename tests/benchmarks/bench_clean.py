@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks_common import alternating
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -91,16 +92,12 @@ def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool) -> list[di
     # which the nightly pays once per night, not once per stage. Both sides are warmed.
     warmup = (_time_clean(ctx)[0], _time_reference(ctx, workdir / "bench-clean-ref-warmup"))
     shutil.rmtree(workdir / "bench-clean-ref-warmup", ignore_errors=True)
-    ours: list[tuple[float, dict[str, Any]]] = []
-    ref: list[float] = []
-    for i in range(REPS):
-        steps = [
-            lambda: ours.append(_time_clean(ctx)),
-            lambda i=i: ref.append(_time_reference(ctx, workdir / f"bench-clean-ref-{i}")),
-        ]
-        for step in steps if i % 2 == 0 else reversed(steps):
-            step()
+    def ref_once(i: int) -> float:
+        seconds = _time_reference(ctx, workdir / f"bench-clean-ref-{i}")
         shutil.rmtree(workdir / f"bench-clean-ref-{i}", ignore_errors=True)
+        return seconds
+
+    ours, ref = alternating(lambda _: _time_clean(ctx), ref_once, REPS)
     ours_s, ref_s = statistics.median(t for t, _ in ours), statistics.median(ref)
     median_run = sorted(ours, key=lambda r: r[0])[len(ours) // 2][1]
     ratio = ours_s / ref_s

@@ -5,10 +5,9 @@ file for statistics, and one delta-rs commit; reads add a snapshot load. The rat
 show what that costs relative to the work Spark does anyway.
 
 Like bench_ingest and bench_clean: one warm-up of each side, then the two sides in
-alternating order, medians compared. Why: run one after the other, the first side paid
-the JVM warming up to a new query plan, and a sub-second read's figure moved with the
-order alone (1.16 and 1.24 in two full runs; 1.02 and 0.96 alternating).
-Reads take 5 repetitions: each is about a second, so noise weighs more than in writes.
+alternating order (benchmarks_common.alternating), medians compared. Timed one side
+after the other, the read's ratio was 1.16 and 1.24 in two full runs; alternating,
+1.02 and 0.96. Reads take 5 repetitions: each is about a second, so noise weighs more.
 """
 
 from __future__ import annotations
@@ -17,8 +16,10 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks_common import alternating
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
@@ -40,17 +41,20 @@ def frame(spark: SparkSession, rows: int):
     )
 
 
-def _alternating_medians(ours, ref, reps: int) -> tuple[float, float]:
-    """Median seconds of `ours` and of `ref`, after a warm-up of each, in alternating order."""
+def _seconds(fn: Callable[[], object]) -> Callable[[int], float]:
+    def timed(_: int) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return timed
+
+
+def _alternating_medians(ours: Callable[[], object], ref: Callable[[], object], reps: int) -> tuple[float, float]:
+    """Median seconds of `ours` and of `ref`, after an untimed run of each, in alternating order."""
     ours()
     ref()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(reps):
-        for side, fn in enumerate((ours, ref)):
-            t0 = time.perf_counter()
-            fn()
-            times[side].append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
+    got_ours, got_ref = alternating(_seconds(ours), _seconds(ref), reps)
+    return statistics.median(got_ours), statistics.median(got_ref)
 
 
 def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool) -> list[dict]:

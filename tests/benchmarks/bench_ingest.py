@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks_common import alternating
 from pyspark.sql import SparkSession
 
 from streamrank.config import Config
@@ -75,17 +76,17 @@ def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool) -> list[di
     shutil.rmtree(workdir / "bench-ingest-warmup-wh", ignore_errors=True)
     shutil.rmtree(workdir / "bench-ingest-warmup-ref", ignore_errors=True)
 
-    ours: list[float] = []
-    ref: list[float] = []
-    for i in range(REPS):
-        steps = [
-            lambda i=i: ours.append(_time_ingest(spark, cfg, landing, workdir / f"bench-ingest-wh-{i}")),
-            lambda i=i: ref.append(_time_reference(spark, files, workdir / f"bench-ingest-ref-{i}")),
-        ]
-        for step in steps if i % 2 == 0 else reversed(steps):
-            step()
+    def ours_once(i: int) -> float:
+        seconds = _time_ingest(spark, cfg, landing, workdir / f"bench-ingest-wh-{i}")
         shutil.rmtree(workdir / f"bench-ingest-wh-{i}", ignore_errors=True)
+        return seconds
+
+    def ref_once(i: int) -> float:
+        seconds = _time_reference(spark, files, workdir / f"bench-ingest-ref-{i}")
         shutil.rmtree(workdir / f"bench-ingest-ref-{i}", ignore_errors=True)
+        return seconds
+
+    ours, ref = alternating(ours_once, ref_once, REPS)
     ours_s, ref_s = statistics.median(ours), statistics.median(ref)
     ratio = ours_s / ref_s
     return [{

@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: a session, a scratch dir, the result table."""
+"""Shared by the benchmark scripts: a session, a scratch dir, the side-by-side timing
+order, the result table."""
 
 from __future__ import annotations
 
@@ -7,11 +8,33 @@ import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from streamrank.config import load_config
 from streamrank.spark import build_session
 
 COLUMNS = ("name", "ours_s", "reference", "reference_s", "ratio", "target", "ok")
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+def alternating(ours: Callable[[int], A], ref: Callable[[int], B], reps: int) -> tuple[list[A], list[B]]:
+    """Each side `reps` times, given the repetition's index, the first of the pair swapping
+    every repetition (ours, ref, ref, ours, ...); the results of each side in order.
+
+    Why: timed one side after the other, the side that goes first pays the JVM warming
+    up to a new plan and neither sees the same machine; a sub-second figure moved with the
+    order alone (bench_delta's read: 1.16 and 1.24 in two full runs). Warm-ups stay with
+    the caller: what warms a side differs (a tiny day for ingest, the same day for clean).
+    """
+    got_ours: list[A] = []
+    got_ref: list[B] = []
+    for i in range(reps):
+        pair = [lambda i=i: got_ours.append(ours(i)), lambda i=i: got_ref.append(ref(i))]
+        for step in pair if i % 2 == 0 else reversed(pair):
+            step()
+    return got_ours, got_ref
 
 
 def format_rows(rows: list[dict]) -> str:
