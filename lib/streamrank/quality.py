@@ -422,7 +422,38 @@ def _gx() -> Any:
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     import great_expectations as gx
 
+    _skip_empty_samples()
     return gx
+
+
+def _skip_empty_samples() -> None:
+    """Make GX's column map expectations skip the sample of unexpected values when it is empty.
+
+    Why: pass 1 asks for partial_unexpected_count 0, yet GX 1.x still plans the
+    `<metric>.unexpected_values` metric for every column map expectation, and on Spark
+    each is a filter + limit(0) query. No job runs, but each plan is built over py4j on
+    the driver while the cores sit idle: the 16 column checks of the silver suite made
+    2,725 py4j calls instead of 1,412 and spent 0.50-0.63 s in those queries (cProfile,
+    scale-1 silver). Alternating 6 runs each, the suite took 2.21 s against 2.38 s and
+    2.61 s against 2.91 s (medians). Installed once, on GX's base class, and only drops
+    that metric when no values were asked for: counts (what pass 1 reports) and pass 2's
+    samples are computed as before.
+    """
+    from great_expectations.expectations.expectation import ColumnMapExpectation
+
+    original = ColumnMapExpectation.get_validation_dependencies
+    if getattr(original, "_streamrank_skips_empty_samples", False):
+        return
+
+    def get_validation_dependencies(self: Any, execution_engine: Any = None, runtime_configuration: Any = None) -> Any:
+        deps = original(self, execution_engine, runtime_configuration)
+        sample = f"{self.map_metric}.unexpected_values"
+        if deps.result_format.get("partial_unexpected_count") == 0 and deps.get_metric_configuration(sample) is not None:
+            deps.remove_metric_configuration(sample)
+        return deps
+
+    get_validation_dependencies._streamrank_skips_empty_samples = True  # type: ignore[attr-defined]
+    ColumnMapExpectation.get_validation_dependencies = get_validation_dependencies
 
 
 class _quiet(warnings.catch_warnings):

@@ -402,6 +402,23 @@ def test_conservation_gap_fails_and_gate_page_survives_a_gx_rendering_failure(
     assert "conservation_gap" in page.read_text(encoding="utf-8")
 
 
+def test_pass_one_plans_no_sample_of_unexpected_values_and_pass_two_does() -> None:
+    """The counts-only pass must not plan GX's per-column sample query (~70 ms of driver
+    time each on Spark); the sampling pass for failed checks must still get its values."""
+    gx = quality._gx()
+
+    expectation = gx.expectations.ExpectColumnValuesToNotBeNull(column="event_id")
+    sample = "column_values.nonnull.unexpected_values"
+    counts_only = expectation.get_validation_dependencies(runtime_configuration={"result_format": quality.RESULT_FORMAT})
+    sampled = expectation.get_validation_dependencies(runtime_configuration={"result_format": quality.SAMPLE_FORMAT})
+    assert "column_values.nonnull.unexpected_count" in counts_only.get_metric_names()
+    assert sample not in counts_only.get_metric_names()
+    assert sample in sampled.get_metric_names()
+    quality._gx()  # installing twice must not wrap twice
+    assert sample in expectation.get_validation_dependencies(
+        runtime_configuration={"result_format": quality.SAMPLE_FORMAT}).get_metric_names()
+
+
 @pytest.mark.skipif(os.environ.get("STREAMRANK_QUALITY_BENCH") != "1", reason="timing run; set STREAMRANK_QUALITY_BENCH=1")
 def test_silver_suite_timing_1m(spark, docs_root: Path) -> None:
     from pyspark.sql import functions as F
