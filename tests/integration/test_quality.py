@@ -414,6 +414,9 @@ def test_pass_one_plans_no_sample_of_unexpected_values_and_pass_two_does() -> No
     assert "column_values.nonnull.unexpected_count" in counts_only.get_metric_names()
     assert sample not in counts_only.get_metric_names()
     assert sample in sampled.get_metric_names()
+    complete = {"result_format": "COMPLETE", "partial_unexpected_count": 0}
+    assert sample in expectation.get_validation_dependencies(
+        runtime_configuration={"result_format": complete}).get_metric_names()
     quality._gx()  # installing twice must not wrap twice
     assert sample in expectation.get_validation_dependencies(
         runtime_configuration={"result_format": quality.SAMPLE_FORMAT}).get_metric_names()
