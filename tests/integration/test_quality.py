@@ -403,7 +403,7 @@ def test_conservation_gap_fails_and_gate_page_survives_a_gx_rendering_failure(
 
 
 def test_pass_one_plans_no_sample_of_unexpected_values_and_pass_two_does() -> None:
-    """The counts-only pass must not plan GX's per-column sample query (~70 ms of driver
+    """The counts-only pass must not plan GX's per-column sample query (30-40 ms of driver
     time each on Spark); the sampling pass for failed checks must still get its values."""
     gx = quality._gx()
 
@@ -417,9 +417,11 @@ def test_pass_one_plans_no_sample_of_unexpected_values_and_pass_two_does() -> No
     complete = {"result_format": "COMPLETE", "partial_unexpected_count": 0}
     assert sample in expectation.get_validation_dependencies(
         runtime_configuration={"result_format": complete}).get_metric_names()
-    quality._gx()  # installing twice must not wrap twice
-    assert sample in expectation.get_validation_dependencies(
-        runtime_configuration={"result_format": quality.SAMPLE_FORMAT}).get_metric_names()
+    from great_expectations.expectations.expectation import ColumnMapExpectation
+
+    installed = ColumnMapExpectation.get_validation_dependencies
+    quality._gx()  # every stage calls it: a second call must not wrap the wrapper
+    assert ColumnMapExpectation.get_validation_dependencies is installed
 
 
 @pytest.mark.skipif(os.environ.get("STREAMRANK_QUALITY_BENCH") != "1", reason="timing run; set STREAMRANK_QUALITY_BENCH=1")
