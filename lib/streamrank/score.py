@@ -91,6 +91,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from streamrank.allocator import keep_freed_memory
 from streamrank.config import CHOICES, parse_date
 from streamrank.context import Context, PhaseTimer, stage_run
 from streamrank.errors import ConfigError, MissingInputError, NoChampionError
@@ -434,6 +435,7 @@ class Scorer:
     """Everything one worker needs to score batches; built from the broadcast payload."""
 
     def __init__(self, payload: Mapping[str, Any]) -> None:
+        keep_freed_memory()  # batch activations reuse heap memory instead of faulting in fresh pages
         self.model = cached_model(payload)
         self.seq_len = self.model.cfg.seq_len
         self.n_pp = self.model.cfg.n_pp_features
