@@ -192,7 +192,9 @@ class DecayAttentionBlock(nn.Module):
         # A lookup, not rates[:, event]: the backward of advanced indexing accumulates B*L
         # gradients into a dozen rates with a sort-based index_put (half the GPU time of a step).
         lam = F.embedding(event, self.decay_rates().t()).to(age.dtype)  # [B, L, H] rates of the key events
-        lam = lam.clamp_min(torch.finfo(age.dtype).tiny).permute(0, 2, 1).unsqueeze(2)  # [B, H, 1, L]
+        # contiguous: multiplied by a permuted view (keys strided by H) the broadcast below
+        # does not vectorise and took 13x longer (17 ms against 1.3 ms per block of 1,024 viewers)
+        lam = lam.clamp_min(torch.finfo(age.dtype).tiny).permute(0, 2, 1).contiguous().unsqueeze(2)  # [B, H, 1, L]
         bias = -lam * age.unsqueeze(1)  # [B, H, Lq, Lk]
         return bias if allowed is None else bias.masked_fill(~allowed.unsqueeze(1), float("-inf"))
 
