@@ -1,4 +1,4 @@
-"""glibc malloc settings for the processes that run the model on CPU.
+"""glibc malloc settings for the worker processes that score with the model on CPU.
 
 Why: glibc serves every allocation above its mmap threshold (at most 32 MiB) with fresh
 pages from the kernel and unmaps them on free, so each such tensor costs one page fault

@@ -3,6 +3,7 @@ instead of being mapped afresh (one page fault per 4 KiB page, every batch)."""
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 import textwrap
@@ -42,7 +43,7 @@ def _faults(mode: str) -> list[int]:
     return [int(n) for n in out.stdout.split()]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt and its mmap threshold are glibc's")
 def test_a_freed_large_block_is_reused_instead_of_faulted_in_again() -> None:
     default = _faults("default")
     assert min(default) > PAGES // 2, f"glibc's default should map each 64 MiB block afresh: {default}"
