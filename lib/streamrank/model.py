@@ -484,15 +484,28 @@ class StreamRankModel(nn.Module):
         return torch.sigmoid(cand_logit.float()), torch.sigmoid(viewer_logit.float())
 
     # ------------------------------------------------------------------ intent internals
+    def candidate_queries(self, cand_vecs: Tensor) -> tuple[Tensor, Tensor]:
+        """Target-attention queries [..., D] of candidate vectors and their null-slot logits [...].
+
+        Both depend on the candidate alone, row by row, so the scorer computes them once per
+        night for every candidate and gathers them per (viewer, candidate) pair: the same
+        numbers as computing them per pair (checked bit for bit in the tests), without a
+        [pairs, D] x [D, D] product per batch.
+        """
+        q = self.din_q(cand_vecs)
+        return q, (q @ self.din_null_k) * (1.0 / math.sqrt(self.cfg.d_model))
+
     def _intent_from_encoded(
         self, h: Tensor, batch: Mapping[str, Tensor], cand_ids: Tensor,
         cand_host: Tensor | None = None, cand_hour: Tensor | None = None, cand_vecs: Tensor | None = None,
+        cand_queries: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Per-candidate logits [B, N] and pooled viewer logit [B] from encoder outputs.
 
         ``cand_vecs`` (shaped like ``cand_ids`` plus D) are the candidates' `cand_vec`s when
         the caller already has them (the scorer gathers its nightly candidate matrix): one
         gather instead of five lookups and four adds per (viewer, candidate) pair.
+        ``cand_queries`` are their `candidate_queries`, gathered the same way.
         """
         cfg = self.cfg
         b, _, d = h.shape
@@ -520,15 +533,18 @@ class StreamRankModel(nn.Module):
             else:
                 e = self.cand_vec(ids, None if cand_host is None else cand_host[..., s:s + chunk],
                                   None if cand_hour is None else cand_hour[..., s:s + chunk])  # [n, D] or [B, n, D]
-            q = self.din_q(e)
+            if cand_queries is not None:
+                q, null = cand_queries[0][..., s:s + chunk, :], cand_queries[1][..., s:s + chunk]
+            else:
+                q, null = self.candidate_queries(e)
             if shared:
                 att = torch.einsum("nd,bld->bnl", q, keys) * null_logit_scale
-                null = (q @ self.din_null_k).mul(null_logit_scale).unsqueeze(0).expand(b, -1)
+                null = null.unsqueeze(0).expand(b, -1)
             else:
                 att = torch.einsum("bnd,bld->bnl", q, keys) * null_logit_scale
-                null = (q @ self.din_null_k) * null_logit_scale
             att = att + key_bias.unsqueeze(1).to(att.dtype)
-            w = torch.softmax(torch.cat([null.unsqueeze(-1), att], dim=-1).float(), dim=-1).to(values.dtype)
+            # dtype=: softmax reads the bf16 logits as float32 itself, no float32 copy of them
+            w = torch.softmax(torch.cat([null.unsqueeze(-1), att], dim=-1), dim=-1, dtype=torch.float32).to(values.dtype)
             u = w[..., :1] * self.din_null_v + torch.einsum("bnl,bld->bnd", w[..., 1:], values)
             e_b = e.unsqueeze(0).expand(b, -1, -1) if shared else e
             z = self.cand_in(torch.cat([e_b, u, e_b * u], dim=-1)) + viewer_part.unsqueeze(1)

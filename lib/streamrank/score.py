@@ -444,6 +444,8 @@ class Scorer:
         self.cand_matrix = torch.as_tensor(payload["cand_matrix"])  # [N, D] float32, for the ranking matmul
         # the same vectors in the encoder's dtype, gathered per viewer for the intent head
         self.cand_vecs = self.cand_matrix.to(self.model.final_ln.weight.dtype)
+        with torch.inference_mode():
+            self.cand_queries = self.model.candidate_queries(self.cand_vecs)  # once, gathered per batch
         self.cand_ids = torch.as_tensor(payload["cand_model_ids"])  # [N]
         self.cand_host = torch.as_tensor(payload["cand_host"])  # [N] slot context of each candidate
         self.cand_hour = torch.as_tensor(payload["cand_hour"])
@@ -504,8 +506,10 @@ class Scorer:
         c_host = self.cand_host[idx] if idx.numel() else none
         c_hour = self.cand_hour[idx] if idx.numel() else none
         # reuse h: the encoder is the costliest step
+        gathered = idx.numel() > 0
         cand_logit, viewer_logit = self.model._intent_from_encoded(
-            h, batch, cand, c_host, c_hour, cand_vecs=self.cand_vecs[idx] if idx.numel() else None)
+            h, batch, cand, c_host, c_hour, cand_vecs=self.cand_vecs[idx] if gathered else None,
+            cand_queries=tuple(t[idx] for t in self.cand_queries) if gathered else None)
         cand_p, viewer_p = torch.sigmoid(cand_logit.float()), torch.sigmoid(viewer_logit.float())
         probs = apply_calibration(cand_p.numpy(), self.calibrator) if cand_p.numel() else cand_p.double().numpy()
         return {

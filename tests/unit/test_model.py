@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from streamrank.model import (
+    FIRST_REAL_ID,
     ModelConfig,
     StreamRankModel,
     apply_calibration,
@@ -346,6 +347,34 @@ def test_intent_from_precomputed_candidate_vectors_is_the_same():
         wrong = model._intent_from_encoded(h, batch, ids, host, hour, cand_vecs=model.cand_vec(ids.roll(1, dims=1), host, hour))
     assert torch.equal(by_ids[0], by_vecs[0]) and torch.equal(by_ids[1], by_vecs[1])
     assert not torch.allclose(by_ids[0], wrong[0])  # the vectors, not the ids, decide
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_intent_from_a_nightly_candidate_table_is_the_same(dtype):
+    """The scorer computes candidate vectors and target-attention queries once per night and
+    gathers them per (viewer, candidate): the logits must be the per-pair computation's, bit
+    for bit, in the scorer's bf16 as in float32."""
+    cfg = small_cfg(n_hosts=9, intent_chunk=3)
+    torch.manual_seed(9)
+    model = StreamRankModel(cfg, product_category=product_category()).eval().to(dtype)
+    batch = with_context(random_batch(cfg, b=6, n_cands=8), cfg.n_hosts)
+    gen = torch.Generator().manual_seed(3)
+    t_ids = torch.randint(FIRST_REAL_ID, cfg.n_products, (10,), generator=gen)
+    t_host = torch.randint(FIRST_REAL_ID, cfg.n_hosts, (10,), generator=gen)
+    t_hour = torch.randint(FIRST_REAL_ID, 26, (10,), generator=gen)
+    idx = torch.randint(0, 10, (6, 8), generator=gen)  # each viewer's top candidates, as table rows
+    with torch.no_grad():
+        h, _ = model.encode(batch)
+        vecs = model.candidate_matrix(t_ids, t_host, t_hour)
+        queries = model.candidate_queries(vecs)
+        by_ids = model._intent_from_encoded(h, batch, t_ids[idx], t_host[idx], t_hour[idx])
+        by_table = model._intent_from_encoded(h, batch, t_ids[idx], t_host[idx], t_hour[idx], cand_vecs=vecs[idx],
+                                              cand_queries=(queries[0][idx], queries[1][idx]))
+        shifted = model._intent_from_encoded(h, batch, t_ids[idx], t_host[idx], t_hour[idx], cand_vecs=vecs[idx],
+                                             cand_queries=(queries[0][idx.roll(1, dims=1)], queries[1][idx]))
+    assert by_ids[0].dtype == dtype
+    assert torch.equal(by_ids[0], by_table[0]) and torch.equal(by_ids[1], by_table[1])
+    assert not torch.equal(by_ids[0], shifted[0])  # the gathered queries are what the head uses
 
 
 def test_learns_which_host_a_viewer_buys_from():
