@@ -35,3 +35,69 @@ def conf(base_conf, tmp_path: Path):
     return base_conf.with_overrides(
         {"warehouse.root": str(tmp_path / "warehouse"), "landing.root": str(tmp_path / "landing")}
     )
+
+
+class ScoringWorld:
+    """A seeded, untrained scoring model of the configured size (d=64, 2 layers, L=50), its
+    vocabulary, and tomorrow's candidates (every third of 600 products): what the score
+    stage's executors get, without a registry or a warehouse."""
+
+    n_products, n_categories, n_hosts, seq_len = 600, 20, 30, 50
+
+    def __init__(self) -> None:
+        import datetime as dt
+        import io
+
+        import numpy as np
+        import torch
+
+        from streamrank.features import EVENT_TYPES
+        from streamrank.model import ModelConfig, StreamRankModel
+        from streamrank.score import Champion, build_candidates
+
+        torch.manual_seed(0)
+        mc = ModelConfig(n_products=self.n_products + 2, n_categories=self.n_categories + 2,
+                         n_event_types=len(EVENT_TYPES) + 2, n_hosts=self.n_hosts + 2, d_model=64, n_heads=2,
+                         n_layers=2, seq_len=self.seq_len)
+        model = StreamRankModel(mc, product_category=np.concatenate(
+            [[0, 1], 2 + np.arange(self.n_products) % self.n_categories]))
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        self.vocab = {
+            "product": {"<pad>": 0, "<unk>": 1, **{f"p{i:04d}": i + 2 for i in range(self.n_products)}},
+            "category": {"<pad>": 0, "<unk>": 1, **{f"c{i:02d}": i + 2 for i in range(self.n_categories)}},
+            "event": {"<pad>": 0, "<unk>": 1, **{t: i + 2 for i, t in enumerate(EVENT_TYPES)}},
+            "host": {"<pad>": 0, "<unk>": 1, **{f"h{i:03d}": i + 2 for i in range(self.n_hosts)}}}
+        self.champion = Champion("t", "1", "r", buf.getvalue(), mc.to_dict(), self.vocab,
+                                 {"method": "platt", "a": 1.0, "b": 0.0})
+        slot = dt.datetime(2026, 11, 9, 12, tzinfo=dt.UTC)
+        rows = [{"product_id": f"p{i:04d}", "stream_id": f"s{i % 20}", "host_id": f"h{i % self.n_hosts:03d}",
+                 "slot_start": slot, "slot_hour": 14, "n_slots": 1, "category": f"c{i % self.n_categories:02d}",
+                 "list_price": 10.0, "popularity": i % 7} for i in range(0, self.n_products, 3)]
+        self.cands = build_candidates(rows, self.vocab["product"], self.vocab["category"], mc.n_products, False, [])
+        self.n_pp = int(mc.n_pp_features)
+
+    def histories(self, n: int, seed: int):
+        """n random viewers' model inputs (left-padded histories of 0..L events, cold starts included)."""
+        import numpy as np
+
+        from streamrank.features import EVENT_TYPES
+
+        rng = np.random.default_rng(seed)
+        L = self.seq_len
+        hist_len = rng.integers(0, L + 1, n)
+        valid = np.arange(L)[None] >= (L - hist_len)[:, None]
+
+        def ids(lo: int, hi: int):
+            return np.where(valid, rng.integers(lo, hi, (n, L)), 0).astype(np.int64)
+
+        return {"hist_product": ids(2, self.n_products + 2), "hist_category": ids(2, self.n_categories + 2),
+                "hist_event": ids(2, len(EVENT_TYPES) + 2), "hist_dwell": ids(1, 8),
+                "hist_dt": np.where(valid, rng.uniform(0, 200, (n, L)), 0).astype(np.float32),
+                "hist_host": ids(2, self.n_hosts + 2), "hist_hour": ids(2, 26), "hist_len": hist_len.astype(np.int64),
+                "pp_features": rng.normal(size=(n, self.n_pp)).astype(np.float32)}
+
+
+@pytest.fixture(scope="session")
+def scoring_world() -> ScoringWorld:
+    return ScoringWorld()

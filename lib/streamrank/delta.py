@@ -353,6 +353,20 @@ class DeltaTable:
             return sorted(df.inputFiles())
         return sorted(f"file://{path}" for path, _ in self._partition_files(self._snapshot(version), partitions))
 
+    def plain_parquet(self, version: int | None = None) -> bool:
+        """Whether the rows of the snapshot are exactly its files' rows, under their own names.
+
+        A reader of `files()` (Petastorm, pyarrow) sees the Parquet files, not the log: with
+        deletion vectors a file still holds rows the table deleted, and with column mapping
+        its columns have physical names. Our writers produce neither, but a table enabled
+        for them (delta-spark can, e.g. by `delta.enableDeletionVectors`) must be read
+        through the engine instead.
+        """
+        snapshot = self._snapshot(version)
+        features = set(snapshot.protocol().reader_features or [])
+        mode = (snapshot.metadata().configuration or {}).get("delta.columnMapping.mode") or "none"
+        return not features & {"deletionVectors", "columnMapping"} and mode == "none"
+
     def _partition_files(self, snapshot: deltalake.DeltaTable, partitions: Where | None
                          ) -> list[tuple[str, dict[str, str | None]]]:
         """`_files` of the partitions whose values are in `partitions` (all without it)."""

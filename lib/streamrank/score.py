@@ -8,11 +8,15 @@ What is scored, and why it is built this way:
   worker rebuilds the model once and keeps it in a module-level cache keyed by model
   version (plus the night's new-product extension), so no task or batch reloads it.
 - Viewers: gold/viewer_features of D whose last_event_ts lies within ``score.active_days``
-  of the end of D (D+1 00:00 UTC). They stay partitioned on the executors: a
-  ``mapInArrow`` computes, per ``score.batch_size`` viewers, the encoder output once,
-  ranking scores = viewer_state @ candidate_matrix.T (one matmul), a deterministic top-K
-  and the intent head on those K candidates only (each candidate's target-attention query
-  is computed once per worker and gathered per pair). Nothing about viewers reaches the driver.
+  of the end of D (D+1 00:00 UTC). The workers read them: Spark hands out tasks of
+  (file, row group, row range) pieces of the snapshot's files of D, and each Python
+  worker reads its pieces with pyarrow, keeps the active viewers and sorts them by
+  history length (score_files; a snapshot with deletion vectors or column mapping is
+  read through Spark instead, score_viewers). Per ``score.batch_size`` viewers a
+  ``mapInArrow`` computes the encoder output once, ranking scores = viewer_state @
+  candidate_matrix.T (one matmul), a deterministic top-K and the intent head on those K
+  candidates only (each candidate's target-attention query is computed once per worker
+  and gathered per pair). Nothing about viewers reaches the driver.
 - Candidates: the products of bronze/stream_products snapshot_date = D+1 (no rows:
   MissingInputError, exit 5, naming the table and the landing file). A product shown in
   several slots keeps its EARLIEST slot (ties: smallest stream_id), because a
@@ -61,8 +65,9 @@ What is scored, and why it is built this way:
   (``auto`` judges the driver's CPU: where the executors' CPUs differ, set it
   explicitly). ``fp32`` reproduces evaluate's and training's figures to the last bit.
   The MLflow pyfunc stays float32 (it is served elsewhere).
-- Determinism: eval mode (no dropout), seeded torch, batches fixed by a sorted
-  partitioning, ties ordered by candidate index: a re-run for D writes identical rows
+- Determinism: eval mode (no dropout), seeded torch, batches fixed by the tasks (cut
+  from the sorted file list and its row groups) and the sort inside each, ties ordered by
+  candidate index: a re-run for D writes identical rows
   (except run_id, which names the run that wrote them).
 """
 
@@ -74,6 +79,7 @@ import datetime as dt
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import shutil
@@ -82,10 +88,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
@@ -95,6 +104,7 @@ from pyspark.sql import types as T
 from streamrank.allocator import keep_freed_memory
 from streamrank.config import CHOICES, parse_date
 from streamrank.context import Context, PhaseTimer, stage_run
+from streamrank.delta import arrow_schema
 from streamrank.errors import ConfigError, MissingInputError, NoChampionError
 from streamrank.features import first_slots, hour_token, price_thresholds
 from streamrank.model import (
@@ -106,6 +116,7 @@ from streamrank.model import (
     load_model,
 )
 from streamrank.publish import StagedTables
+from streamrank.schemas import table_spec
 
 log = logging.getLogger(__name__)
 
@@ -615,25 +626,41 @@ def _to_record_batch(viewer_id: pa.Array, inputs: Mapping[str, np.ndarray], out:
     ], schema=_SCORED_ARROW)
 
 
+def score_rows(scorer: Scorer, rb: pa.RecordBatch, order: np.ndarray, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """Score the rows `order` of `rb`, `batch_size` at a time, in that order.
+
+    The inputs are converted once for the whole record batch and each model batch gathers
+    its rows from them, so a task that sorts its viewers never copies the list columns.
+    """
+    if not order.size:
+        return
+    inputs = arrow_inputs(rb, scorer.seq_len, scorer.n_pp)
+    viewer_id = rb.column(rb.schema.get_field_index("viewer_id"))
+    whole = order.size == rb.num_rows and bool((order == np.arange(rb.num_rows)).all())
+    for start in range(0, order.size, batch_size):
+        rows = order[start:start + batch_size]
+        part = ({k: v[start:start + rows.size] for k, v in inputs.items()} if whole
+                else {k: v[rows] for k, v in inputs.items()})
+        ids = viewer_id.slice(start, rows.size) if whole else viewer_id.take(pa.array(rows))
+        yield _to_record_batch(ids, part, scorer.score(part))
+
+
 def score_partition(batches: Iterator[pa.RecordBatch], bc: Any, batch_size: int) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: score each `batch_size` slice of the partition's viewers."""
-    payload = bc.value
-    scorer = Scorer(payload)
+    """mapInArrow body of the DataFrame path: score each record batch in the order it comes."""
+    scorer = Scorer(bc.value)
     for rb in batches:
-        for start in range(0, rb.num_rows, batch_size):
-            part = rb.slice(start, batch_size)
-            inputs = arrow_inputs(part, scorer.seq_len, scorer.n_pp)
-            out = scorer.score(inputs)
-            yield _to_record_batch(part.column(part.schema.get_field_index("viewer_id")), inputs, out)
+        yield from score_rows(scorer, rb, np.arange(rb.num_rows), batch_size)
 
 
 def score_viewers(viewers: DataFrame, bc: Any, batch_size: int) -> DataFrame:
-    """The distributed model pass: one row per viewer with its top-K arrays and intent.
+    """The distributed model pass over a DataFrame: one row per viewer with its top-K arrays and intent.
 
-    Fewer input partitions than task slots are spread by viewer_id. Inside each partition
-    viewers are sorted by (hist_len, viewer_id): batches then hold histories of similar
-    length, so Scorer.tensors can drop most padding (the encoder is ~90 % of the cost),
-    and the batches - hence the float results - are the same on every re-run.
+    The path for viewers that are not plain Parquet files (the score stage itself reads
+    its files directly: score_files). Fewer input partitions than task slots are spread by
+    viewer_id. Inside each partition viewers are sorted by (hist_len, viewer_id): batches
+    then hold histories of similar length, so Scorer.tensors can drop most padding (the
+    encoder is ~90 % of the cost), and the batches - hence the float results - are the
+    same on every re-run.
     """
     spark = viewers.sparkSession
     frame = viewers.select(*VIEWER_COLUMNS)
@@ -642,6 +669,136 @@ def score_viewers(viewers: DataFrame, bc: Any, batch_size: int) -> DataFrame:
         frame = frame.repartition(slots, "viewer_id")
     frame = frame.sortWithinPartitions(F.coalesce(F.col("hist_len"), F.lit(0)), "viewer_id")
     return frame.mapInArrow(functools.partial(score_partition, bc=bc, batch_size=int(batch_size)), SCORED_SCHEMA)
+
+
+# ----------------------------------------------------------------------------- the direct path (files -> workers)
+
+#: The most viewers one task of score_files holds: its inputs are converted at once
+#: (about 3 KiB a viewer at seq_len 50), so tasks stay well under a GiB.
+TASK_ROWS = 65_536
+
+#: One task's share of the input: (file URI, row group, first row, end row) pieces.
+Piece = tuple[str, int, int, int]
+
+
+def row_groups(files: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(file, row group, rows) of every row group of `files`, in file order: Parquet footers only."""
+    out = []
+    for uri in files:
+        fs, path = _filesystem(uri)
+        with fs.open_input_file(path) as fh:
+            meta = pq.ParquetFile(fh).metadata
+        out.extend((uri, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups))
+    return out
+
+
+def split_tasks(groups: Sequence[tuple[str, int, int]], slots: int, task_rows: int = TASK_ROWS) -> list[list[Piece]]:
+    """Cut the row groups, in order, into tasks of equal row counts (within one row).
+
+    The task count is a multiple of `slots` (all of them busy until the end) with no task
+    above `task_rows`; a row group that straddles two tasks is split by row range, and
+    both tasks decode it (Parquet decodes whole pages; the model costs ~50x the decode).
+    The same files give the same tasks, hence the same batches and scores on a re-run.
+    """
+    total = sum(n for _, _, n in groups)
+    slots, task_rows = max(1, int(slots)), max(1, int(task_rows))
+    n_tasks = slots * -(-total // (slots * task_rows))
+    bounds = [total * i // n_tasks for i in range(n_tasks + 1)] if n_tasks else [0]
+    tasks: list[list[Piece]] = []
+    first = 0  # global row number of the first row of groups[g]
+    g = 0
+    for lo, hi in itertools.pairwise(bounds):
+        pieces: list[Piece] = []
+        while g < len(groups) and first < hi:
+            uri, group, n = groups[g]
+            start, stop = max(lo, first) - first, min(hi, first + n) - first
+            if stop > start:
+                pieces.append((uri, group, start, stop))
+            if first + n > hi:
+                break  # the rest of this row group belongs to the next task
+            first, g = first + n, g + 1
+        if pieces:
+            tasks.append(pieces)
+    return tasks
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem and path for a file as the engines name it: file:///x (delta-rs),
+    file:/x (Spark's inputFiles), s3://... on a cluster, or a local path."""
+    return pafs.FileSystem.from_uri(uri if urlparse(uri).scheme else str(Path(uri).resolve()))
+
+
+@functools.cache
+def _viewer_schema() -> pa.Schema:
+    full = arrow_schema(table_spec(VIEWER_FEATURES).schema)
+    return pa.schema([full.field(c) for c in (*VIEWER_COLUMNS, "last_event_ts")])
+
+
+def read_pieces(pieces: Sequence[Piece]) -> pa.Table:
+    """The scoring columns (and last_event_ts) of `pieces`, as one table of the contract's types.
+
+    A column the file lacks (written before the schema gained it) reads as null, as
+    Spark's reader gives it; files of different writers name list children differently,
+    so every piece is cast to the contract's Arrow schema.
+    """
+    schema = _viewer_schema()
+    parts = []
+    for uri, group, start, stop in pieces:
+        fs, path = _filesystem(uri)
+        with fs.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh)
+            present = [c for c in schema.names if c in pf.schema_arrow.names]
+            part = pf.read_row_group(group, columns=present).slice(start, stop - start)
+        for field in schema:
+            if field.name not in present:
+                part = part.append_column(field.name, pa.nulls(part.num_rows, field.type))
+        parts.append(part.select(schema.names).cast(schema))
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+def active_order(table: pa.Table, since: dt.datetime) -> np.ndarray:
+    """Rows of active viewers (last_event_ts >= since) in (hist_len, viewer_id) order.
+
+    The same selection as active_viewers and the same order score_viewers sorts each
+    partition into, as row indices: the list columns are gathered per batch, never copied.
+    """
+    ts = table.column("last_event_ts")
+    active = pc.fill_null(pc.greater_equal(ts, pa.scalar(since, ts.type)), False)
+    rows = np.flatnonzero(active.to_numpy(zero_copy_only=False))
+    key = pa.table({"hist_len": pc.fill_null(table.column("hist_len"), 0).take(pa.array(rows)),
+                    "viewer_id": table.column("viewer_id").take(pa.array(rows))})
+    return rows[pc.sort_indices(key, [("hist_len", "ascending"), ("viewer_id", "ascending")]).to_numpy()]
+
+
+def score_tasks(task_ids: Iterator[pa.RecordBatch], tasks: Sequence[Sequence[Piece]], since: dt.datetime, bc: Any,
+                batch_size: int) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body of the direct path: each incoming task id names the pieces to read and score."""
+    scorer = Scorer(bc.value)
+    for ids in task_ids:
+        for task in ids.column(0).to_pylist():
+            table = read_pieces(tasks[task]).combine_chunks()
+            order = active_order(table, since)
+            for rb in table.to_batches():  # one batch after combine_chunks (none when empty)
+                yield from score_rows(scorer, rb, order, batch_size)
+
+
+def score_files(spark: SparkSession, files: Sequence[str], since: dt.datetime, bc: Any, batch_size: int) -> DataFrame:
+    """The distributed model pass over viewer-feature Parquet files (one partition's snapshot files).
+
+    Spark only hands out tasks - (file, row group, row range) pieces - and collects the
+    results; each Python worker reads its pieces with pyarrow, keeps the viewers active
+    since `since`, sorts them by (hist_len, viewer_id) and scores them. Reading through
+    Spark instead cost the JVM a quarter of the CPU on a 2-core machine: decoding the list
+    columns, shuffling them to spread one file over the cores, sorting, and converting
+    them to Arrow for Python (README, "Where scoring's time goes").
+    """
+    slots = max(1, spark.sparkContext.defaultParallelism)
+    tasks = split_tasks(row_groups(sorted(files)), slots, TASK_ROWS)
+    if not tasks:
+        return spark.createDataFrame([], SCORED_SCHEMA)
+    ids = spark.range(0, len(tasks), 1, numPartitions=len(tasks))
+    return ids.mapInArrow(functools.partial(score_tasks, tasks=tasks, since=since, bc=bc, batch_size=int(batch_size)),
+                          SCORED_SCHEMA)
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -783,7 +940,10 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
             run.mlflow_run_id = ref.run_id
             spark = ctx.spark
             slots = schedule_slots(_read(ctx, run, STREAM_PRODUCTS), _read(ctx, run, STREAMS), tomorrow)
-            features = _read(ctx, run, VIEWER_FEATURES)
+            features_t = ctx.table(VIEWER_FEATURES)
+            features_v = features_t.version()
+            run.read(VIEWER_FEATURES, features_v)
+            features = features_t.read(version=features_v)
             vocab_df = _read(ctx, run, VOCAB)
             products = _read(ctx, run, PRODUCTS)
             silver_t = ctx.table(SILVER)
@@ -811,8 +971,18 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
             payload, _ = build_payload(champion, cands, _vocab_of(vocab_rows), k, precision)
             bc = spark.sparkContext.broadcast(payload)
 
-        viewers = active_viewers(features, date, int(cfg["score.active_days"]))
-        scored = score_viewers(viewers, bc, int(cfg["score.batch_size"])).persist(StorageLevel.MEMORY_AND_DISK)
+        active_days, batch_size = int(cfg["score.active_days"]), int(cfg["score.batch_size"])
+        direct = features_t.plain_parquet(features_v)
+        run.metrics["viewer_read"] = "files" if direct else "spark"
+        if direct:  # the workers read D's files themselves
+            since = end_of_day(date) - dt.timedelta(days=active_days)
+            files = features_t.files(features_v, partitions={"as_of_date": date})
+            scored = score_files(spark, files, since, bc, batch_size)
+        else:
+            log.info("%s v%s has deletion vectors or column mapping: scoring reads it through Spark",
+                     VIEWER_FEATURES, features_v)
+            scored = score_viewers(active_viewers(features, date, active_days), bc, batch_size)
+        scored = scored.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             with phases("score"):  # the one job that runs the model; everything after reads the cache
                 stats = scored.agg(F.count(F.lit(1)).alias("n"),
@@ -864,8 +1034,9 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "CandidateSet", "Champion", "Scorer", "active_viewers", "arrow_inputs", "build_candidates", "build_model",
+    "CandidateSet", "Champion", "Scorer", "active_order", "active_viewers", "arrow_inputs", "build_candidates", "build_model",
     "build_payload", "cached_model", "candidate_frame", "champion_ref", "deterministic_topk", "end_of_day", "extend_model",
     "id_remap", "intent_frame", "latest_catalog", "load_champion", "popularity", "pp_features", "rankings_frame",
-    "run", "schedule_slots", "score", "score_partition", "score_viewers",
+    "read_pieces", "row_groups", "run", "schedule_slots", "score", "score_files", "score_partition", "score_rows",
+    "score_viewers", "split_tasks",
 ]

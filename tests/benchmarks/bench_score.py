@@ -11,12 +11,17 @@ All sides run in this one process/session on the same synthetic inputs:
 
 Rows:
 
-- ``score``: scored (viewer, candidate) pairs/s of ``score.score_viewers`` (mapInArrow:
-  encoder, matmul, deterministic top-K, intent head on the top-K, Arrow out; written to
-  Spark's noop sink) vs the bound: one process doing ONLY ``states @ cand.T`` + torch.topk
+- ``score``: scored (viewer, candidate) pairs/s of ``score.score_files``, the score stage's
+  model pass (Spark hands out row-group tasks; each Python worker reads its pieces with
+  pyarrow, keeps the active viewers, sorts them by history length, runs the encoder,
+  matmul, deterministic top-K and the intent head on the top-K; Arrow out to Spark's noop
+  sink; median of 3) vs the bound: one process doing ONLY ``states @ cand.T`` + torch.topk
   over the same viewer states and candidate matrix. ratio = ours_rate / bound_rate,
   target >= 0.5. Extra fields say where the time goes: ``inproc_model_pairs_per_s`` is the
-  full model pass in one process without Spark, ``spark_efficiency`` ours / that.
+  full model pass in one process without Spark, ``spark_efficiency`` ours / that;
+  ``dataframe_path_s`` is the same pass with Spark reading, spreading and sorting the
+  viewers (``score.score_viewers``, timed alternately with ours), and
+  ``dataframe_path_over_ours`` that time over ours.
 - ``score_vs_als``: Spark MLlib ALS (rank evaluate.als_rank, implicit) recommendForUserSubset
   for the same viewers and item count, top score.top_k; ratio = als_s / ours_s, target >= 3.
 - ``score_scaling``: ours at the small vs the large viewer count (100k -> 400k; quick
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from benchmarks_common import alternating
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -54,7 +61,9 @@ from streamrank.score import (
     arrow_inputs,
     build_candidates,
     build_payload,
+    end_of_day,
     inference_precision,
+    score_files,
     score_viewers,
 )
 
@@ -67,6 +76,8 @@ NEW_SHARE = 0.02
 COLD_SHARE = 0.10
 ROW_GROUP = 8_192
 SAMPLE = 8_192  # viewers whose states feed the bound and the in-process reference
+ACTIVE_DAYS = 7
+REPS = 3  # a pass of the large count takes under a minute: median of 3
 
 
 def write_viewers(path: Path, n: int, seq_len: int, seed: int) -> Path:
@@ -148,8 +159,18 @@ def champion_and_candidates(cfg: Config) -> tuple[Champion, Any, dict[str, dict[
 
 
 def time_ours(spark: SparkSession, path: Path, bc: Any, batch_size: int) -> float:
-    """One full pass of the distributed model over the viewers, into Spark's noop sink."""
-    viewers: DataFrame = active_viewers(spark.read.parquet(str(path)), D, 7)
+    """One full pass of the score stage's model pass (score_files: the workers read the
+    files) over the viewers, into Spark's noop sink."""
+    files = sorted(str(f) for f in path.glob("*.parquet"))
+    since = end_of_day(D) - dt.timedelta(days=ACTIVE_DAYS)
+    t0 = time.perf_counter()
+    score_files(spark, files, since, bc, batch_size).write.format("noop").mode("overwrite").save()
+    return time.perf_counter() - t0
+
+
+def time_dataframe_path(spark: SparkSession, path: Path, bc: Any, batch_size: int) -> float:
+    """The same pass with Spark reading, spreading and sorting the viewers (score_viewers)."""
+    viewers: DataFrame = active_viewers(spark.read.parquet(str(path)), D, ACTIVE_DAYS)
     t0 = time.perf_counter()
     score_viewers(viewers, bc, batch_size).write.format("noop").mode("overwrite").save()
     return time.perf_counter() - t0
@@ -157,7 +178,7 @@ def time_ours(spark: SparkSession, path: Path, bc: Any, batch_size: int) -> floa
 
 def in_process(payload: dict[str, Any], path: Path, batch_size: int) -> tuple[torch.Tensor, float, int]:
     """States of the first SAMPLE viewers, and the full model pass over them in one process
-    (sorted by history length, as score_viewers sorts each partition)."""
+    (sorted by history length, as each scoring task sorts its viewers)."""
     scorer = Scorer(payload)
     table = pq.read_table(path / "part-0.parquet").slice(0, SAMPLE)
     table = table.take(pc.sort_indices(table, [("hist_len", "ascending"), ("viewer_id", "ascending")]))
@@ -213,7 +234,11 @@ def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool) -> list[di
     try:
         paths = {n: write_viewers(workdir / f"viewers_{n}", n, seq_len, seed=n) for n in (2_000, small, large)}
         time_ours(spark, paths[2_000], bc, batch_size)  # warm-up: Python workers start, load the model once
-        ours = {n: time_ours(spark, paths[n], bc, batch_size) for n in (small, large)}
+        time_dataframe_path(spark, paths[2_000], bc, batch_size)
+        ours = {small: statistics.median(time_ours(spark, paths[small], bc, batch_size) for _ in range(REPS))}
+        runs, df_runs = alternating(lambda _: time_ours(spark, paths[large], bc, batch_size),
+                                    lambda _: time_dataframe_path(spark, paths[large], bc, batch_size), REPS)
+        ours[large], dataframe_s = statistics.median(runs), statistics.median(df_runs)
     finally:
         bc.unpersist()
     states, t_inproc, n_sample = in_process(payload, paths[small], batch_size)
@@ -233,6 +258,8 @@ def run(spark: SparkSession, cfg: Config, workdir: Path, quick: bool) -> list[di
          "reference_s": bound_s, "ratio": ours_rate / bound_rate, "target": 0.5, "ok": ours_rate / bound_rate >= 0.5,
          **common, "ours_pairs_per_s": ours_rate, "bound_pairs_per_s": bound_rate,
          "inproc_model_pairs_per_s": inproc_rate, "spark_efficiency": ours_rate / inproc_rate,
+         "runs_s": runs, "dataframe_path_s": dataframe_s, "dataframe_path_runs_s": df_runs,
+         "dataframe_path_over_ours": dataframe_s / ours[large],
          "scaling": [{"n_viewers": n, "ours_s": t, "pairs_per_s": n * n_cand / t} for n, t in sorted(ours.items())]},
         {"name": "score_vs_als", "ours_s": ours[large],
          "reference": f"Spark ALS recommendForUserSubset (rank {cfg['evaluate.als_rank']}, {large} users x {n_cand} items)",

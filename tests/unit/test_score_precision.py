@@ -8,62 +8,23 @@ are about 3x what this machine measures (top-10 overlap 0.989, same-pair score g
 
 from __future__ import annotations
 
-import datetime as dt
-import io
-
 import numpy as np
 import pytest
 import torch
 
 from streamrank.errors import ConfigError
-from streamrank.features import EVENT_TYPES
-from streamrank.model import ModelConfig, StreamRankModel
-from streamrank.score import Champion, Scorer, build_candidates, build_payload, inference_precision, native_bf16
+from streamrank.score import Scorer, build_payload, inference_precision, native_bf16
 
-N_PRODUCTS, N_CATEGORIES, N_HOSTS, L, N_VIEWERS, K = 600, 20, 30, 50, 400, 50
-
-
-def _champion_and_candidates() -> tuple[Champion, object, dict]:
-    torch.manual_seed(0)
-    mc = ModelConfig(n_products=N_PRODUCTS + 2, n_categories=N_CATEGORIES + 2, n_event_types=len(EVENT_TYPES) + 2,
-                     n_hosts=N_HOSTS + 2, d_model=64, n_heads=2, n_layers=2, seq_len=L)
-    model = StreamRankModel(mc, product_category=np.concatenate([[0, 1], 2 + np.arange(N_PRODUCTS) % N_CATEGORIES]))
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    vocab = {"product": {"<pad>": 0, "<unk>": 1, **{f"p{i:04d}": i + 2 for i in range(N_PRODUCTS)}},
-             "category": {"<pad>": 0, "<unk>": 1, **{f"c{i:02d}": i + 2 for i in range(N_CATEGORIES)}},
-             "event": {"<pad>": 0, "<unk>": 1, **{t: i + 2 for i, t in enumerate(EVENT_TYPES)}},
-             "host": {"<pad>": 0, "<unk>": 1, **{f"h{i:03d}": i + 2 for i in range(N_HOSTS)}}}
-    champion = Champion("t", "1", "r", buf.getvalue(), mc.to_dict(), vocab, {"method": "platt", "a": 1.0, "b": 0.0})
-    slot = dt.datetime(2026, 11, 9, 12, tzinfo=dt.UTC)
-    rows = [{"product_id": f"p{i:04d}", "stream_id": f"s{i % 20}", "host_id": f"h{i % N_HOSTS:03d}",
-             "slot_start": slot, "slot_hour": 14, "n_slots": 1, "category": f"c{i % N_CATEGORIES:02d}",
-             "list_price": 10.0, "popularity": i % 7} for i in range(0, N_PRODUCTS, 3)]
-    return champion, build_candidates(rows, vocab["product"], vocab["category"], mc.n_products, False, []), vocab
-
-
-def _viewers(n_pp: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(5)
-    hist_len = rng.integers(0, L + 1, N_VIEWERS)  # includes cold starts (0) and full histories
-    valid = np.arange(L)[None] >= (L - hist_len)[:, None]
-
-    def ids(lo: int, hi: int) -> np.ndarray:
-        return np.where(valid, rng.integers(lo, hi, (N_VIEWERS, L)), 0).astype(np.int64)
-
-    return {"hist_product": ids(2, N_PRODUCTS + 2), "hist_category": ids(2, N_CATEGORIES + 2),
-            "hist_event": ids(2, len(EVENT_TYPES) + 2), "hist_dwell": ids(1, 8),
-            "hist_dt": np.where(valid, rng.uniform(0, 200, (N_VIEWERS, L)), 0).astype(np.float32),
-            "hist_host": ids(2, N_HOSTS + 2), "hist_hour": ids(2, 26), "hist_len": hist_len.astype(np.int64),
-            "pp_features": rng.normal(size=(N_VIEWERS, n_pp)).astype(np.float32)}
+N_VIEWERS, K = 400, 50
 
 
 @pytest.fixture(scope="module")
-def scored() -> dict[str, dict[str, np.ndarray]]:
-    champion, cands, vocab = _champion_and_candidates()
-    inputs = _viewers(int(champion.model_config["n_pp_features"]))
+def scored(scoring_world) -> dict[str, dict[str, np.ndarray]]:
+    w = scoring_world
+    inputs = w.histories(N_VIEWERS, seed=5)
     out: dict[str, dict[str, np.ndarray]] = {"hist_len": {"hist_len": inputs["hist_len"]}}
     for name, precision in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16_again", "bf16")):
-        payload, _ = build_payload(champion, cands, vocab, K, precision)
+        payload, _ = build_payload(w.champion, w.cands, w.vocab, K, precision)
         assert payload["cand_matrix"].dtype == np.float32  # the ranking matmul stays float32
         scorer = Scorer(payload)
         assert next(scorer.model.parameters()).dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
