@@ -674,7 +674,7 @@ def score_viewers(viewers: DataFrame, bc: Any, batch_size: int) -> DataFrame:
 # ----------------------------------------------------------------------------- the direct path (files -> workers)
 
 #: The most viewers one task of score_files holds: its inputs are converted at once
-#: (about 3 KiB a viewer at seq_len 50), so tasks stay well under a GiB.
+#: (about 4 KiB a viewer at seq_len 50, Arrow and numpy), so a task holds about 256 MiB.
 TASK_ROWS = 65_536
 
 #: One task's share of the input: (file URI, row group, first row, end row) pieces.
