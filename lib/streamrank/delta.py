@@ -345,7 +345,16 @@ class DeltaTable:
 
     def files(self, version: int | None = None, partitions: Where | None = None) -> list[str]:
         """Absolute file URIs of a snapshot (optionally of some partitions only): exactly what
-        a reader such as Petastorm must read, nothing a concurrent writer has not committed."""
+        a reader such as Petastorm must read, nothing a concurrent writer has not committed.
+
+        Raises StreamrankError where the files are not the rows (see plain_parquet): a file
+        reader would bring back deleted rows, so it must not get a list at all.
+        """
+        if not self.plain_parquet(version):
+            raise StreamrankError(
+                f"{self.spec.name} (version {version if version is not None else 'latest'}) uses deletion vectors or "
+                "column mapping: its Parquet files are not its rows, so they cannot be read directly; "
+                "read it through the engine (DeltaTable.read)")
         if self.engine == "spark":
             df = self.read(version)
             if partitions:

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import streamrank.score as score_mod
+from streamrank.errors import StreamrankError
 from streamrank.schemas import table_spec
 from streamrank.score import (
     Piece,
@@ -175,3 +176,6 @@ def test_snapshot_with_deletion_vectors_is_not_read_as_plain_parquet(conf, spark
     assert table.plain_parquet()
     deltalake.DeltaTable(table.uri).alter.set_table_properties({"delta.enableDeletionVectors": "true"})
     assert not table.plain_parquet() and table.plain_parquet(version=0)
+    assert table.files(version=0) == []
+    with pytest.raises(StreamrankError, match="gold/viewer_features.*deletion vectors.*DeltaTable.read"):
+        table.files()  # train and evaluate read files(): they must not resurrect deleted rows
