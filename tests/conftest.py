@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,87 @@ def spark(base_conf):
     session = build_session(base_conf, app_name="streamrank-tests")
     yield session
     session.stop()
+
+
+_Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+_DV_MAGIC = 1681511377
+
+
+def _z85(data: bytes) -> str:
+    data += b"\0" * (-len(data) % 4)
+    chars = []
+    for (word,) in struct.iter_unpack(">I", data):
+        digits = []
+        for _ in range(5):
+            word, digit = divmod(word, 85)
+            digits.append(_Z85[digit])
+        chars.extend(reversed(digits))
+    return "".join(chars)
+
+
+def _roaring_bitmap_array(positions: list[int]) -> bytes:
+    """Delta's serialized deletion vector: magic, then a 64-bit RoaringBitmapArray (portable
+    format, array containers only: fewer than 4,097 positions per 65,536 rows)."""
+    by_high: dict[int, list[int]] = {}
+    for p in sorted(set(positions)):
+        by_high.setdefault(p >> 32, []).append(p & 0xFFFFFFFF)
+    out = struct.pack("<iq", _DV_MAGIC, len(by_high))
+    for high, lows in sorted(by_high.items()):
+        containers: dict[int, list[int]] = {}
+        for low in lows:
+            containers.setdefault(low >> 16, []).append(low & 0xFFFF)
+        assert all(len(c) <= 4096 for c in containers.values()), "bitmap containers are not written here"
+        keys = sorted(containers)
+        header = struct.pack("<II", 12346, len(keys)) + b"".join(
+            struct.pack("<HH", k, len(containers[k]) - 1) for k in keys)
+        offset, offsets, body = len(header) + 4 * len(keys), [], b""
+        for k in keys:
+            offsets.append(offset + len(body))
+            body += struct.pack(f"<{len(containers[k])}H", *containers[k])
+        out += struct.pack("<I", high) + header + struct.pack(f"<{len(keys)}I", *offsets) + body
+    return out
+
+
+def delete_with_deletion_vector(table_uri: str, file_name: str, positions: list[int]) -> int:
+    """Delete rows of one data file the way delta-spark's DELETE does on a table enabled for
+    deletion vectors, and return the new version.
+
+    The file stays; one commit removes its add action and adds it again with an inline
+    deletion vector (Delta protocol: a RoaringBitmapArray of the row positions, Z85-encoded).
+    delta-rs does not write deletion vectors and the delta-spark jars are not on this
+    machine, so the tests write the log entry themselves; delta-rs decoding it back to the
+    same positions is checked where it is used.
+    """
+    import deltalake
+
+    table = deltalake.DeltaTable(table_uri)
+    if "deletionVectors" not in (table.protocol().reader_features or []):
+        table.alter.set_table_properties({"delta.enableDeletionVectors": "true"})
+        table = deltalake.DeltaTable(table_uri)
+    log_dir = Path(table_uri, "_delta_log")
+    add = None
+    for version in range(table.version() + 1):  # the live add action of the file
+        for line in (log_dir / f"{version:020d}.json").read_text().splitlines():
+            action = json.loads(line)
+            if "add" in action and action["add"]["path"].endswith(file_name):
+                add = action["add"]
+            elif "remove" in action and action["remove"]["path"].endswith(file_name):
+                add = None
+    assert add is not None and not add.get("deletionVector"), f"{file_name} is not a live file without a vector"
+    data = _roaring_bitmap_array(positions)
+    now = int(time.time() * 1000)
+    vector = {"storageType": "i", "pathOrInlineDv": _z85(data), "sizeInBytes": len(data),
+              "cardinality": len(set(positions))}
+    actions = [
+        {"commitInfo": {"timestamp": now, "operation": "DELETE", "engineInfo": "streamrank-tests"}},
+        {"remove": {"path": add["path"], "deletionTimestamp": now, "dataChange": True, "extendedFileMetadata": True,
+                    "partitionValues": add["partitionValues"], "size": add["size"]}},
+        {"add": {**add, "deletionVector": vector, "dataChange": True, "modificationTime": now}},
+    ]
+    version = table.version() + 1
+    with open(log_dir / f"{version:020d}.json", "x") as f:  # "x": a commit never overwrites another
+        f.write("".join(json.dumps(a) + "\n" for a in actions))
+    return version
 
 
 @pytest.fixture()

@@ -35,9 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlparse
 
 import deltalake
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake.transaction import AddAction, CommitProperties
@@ -310,6 +311,7 @@ class DeltaTable:
                 reader = reader.option("timestampAsOf", str(timestamp))
             return reader.load(self.uri)
         snapshot = self._snapshot(version, timestamp)
+        self._refuse_column_mapping(snapshot, "read")
         schema = T.StructType.fromJson(json.loads(snapshot.schema().to_json()))  # the log's, incl. evolved columns
         files = self._files(snapshot)
         if not files:
@@ -317,7 +319,30 @@ class DeltaTable:
         reader = self.spark.read.schema(schema)
         if self.spec.partition_by:
             reader = reader.option("basePath", self.uri)
-        return reader.parquet(*[path for path, _ in files]).select(*schema.fieldNames())
+        df = reader.parquet(*[path for path, _ in files])
+        deleted = _deleted_rows(snapshot)
+        if deleted:
+            df = self._without_deleted(df, deleted)
+        return df.select(*schema.fieldNames())
+
+    def _without_deleted(self, df: DataFrame, deleted: Mapping[str, np.ndarray]) -> DataFrame:
+        """`df` (a Parquet scan of the snapshot's files) less the rows its deletion vectors delete.
+
+        Why: a file with a deletion vector still holds the deleted rows; delta-spark drops
+        them by their position in the file, and so does this, with Spark's own row index of
+        a Parquet file (`_metadata.row_index`) anti-joined with the deleted positions.
+        """
+        positions = pa.table({
+            "_dv_file": pa.array([path for path, rows in deleted.items() for _ in range(rows.size)], pa.string()),
+            "_dv_row": pa.array(np.concatenate(list(deleted.values())), pa.int64()),
+        }).to_pandas()
+        gone = self.spark.createDataFrame(positions, "_dv_file string, _dv_row bigint")
+        located = df.withColumns({
+            # Spark names a local file file:/..., percent-encoded like delta-rs's URIs
+            "_dv_file": F.expr("url_decode(regexp_replace(_metadata.file_path, '^file:(//)?', ''))"),
+            "_dv_row": F.col("_metadata.row_index"),
+        })
+        return located.join(gone, ["_dv_file", "_dv_row"], "left_anti").drop("_dv_file", "_dv_row")
 
     def to_arrow(self, version: int | None = None, partitions: Where | None = None) -> pa.Table:
         """The table (or some partitions of it) without Spark: delta-rs picks the snapshot's
@@ -330,9 +355,16 @@ class DeltaTable:
         their partition values added back as typed columns.)
         """
         schema = arrow_schema(self.spec.schema)
+        snapshot = self._snapshot(version)
+        self._refuse_column_mapping(snapshot, "read", direct=True)
+        deleted = _deleted_rows(snapshot)
         pieces = []
-        for path, parts in self._partition_files(self._snapshot(version), partitions):
+        for path, parts in self._partition_files(snapshot, partitions):
             piece = pq.read_table(path)
+            if path in deleted:
+                keep = np.ones(piece.num_rows, dtype=bool)
+                keep[deleted[path]] = False
+                piece = piece.filter(pa.array(keep))
             for field in schema:  # a column added after this file was written reads as null
                 if field.name not in piece.column_names and field.name not in self.spec.partition_by:
                     piece = piece.append_column(field.name, pa.nulls(piece.num_rows, field.type))
@@ -352,9 +384,10 @@ class DeltaTable:
         """
         if not self.plain_parquet(version):
             raise StreamrankError(
-                f"{self.spec.name} (version {version if version is not None else 'latest'}) uses deletion vectors or "
-                "column mapping: its Parquet files are not its rows, so they cannot be read directly; "
-                "read it through the engine (DeltaTable.read)")
+                f"{self.spec.name} (version {version if version is not None else 'latest'}) has rows deleted by "
+                "deletion vectors or uses column mapping: its Parquet files are not its rows, so they cannot be read "
+                "directly; read it through the engine (DeltaTable.read), or rewrite its files without deletion "
+                "vectors first (delta-spark: REORG TABLE ... APPLY (PURGE))")
         if self.engine == "spark":
             df = self.read(version)
             if partitions:
@@ -365,16 +398,36 @@ class DeltaTable:
     def plain_parquet(self, version: int | None = None) -> bool:
         """Whether the rows of the snapshot are exactly its files' rows, under their own names.
 
-        A reader of `files()` (Petastorm, pyarrow) sees the Parquet files, not the log: with
-        deletion vectors a file still holds rows the table deleted, and with column mapping
-        its columns have physical names. Our writers produce neither, but a table enabled
-        for them (delta-spark can, e.g. by `delta.enableDeletionVectors`) must be read
-        through the engine instead.
+        A reader of `files()` (Petastorm, pyarrow) sees the Parquet files, not the log: a
+        file with a deletion vector still holds rows the table deleted, and with column
+        mapping its columns have physical names. Our writers produce neither, but delta-spark
+        does on a table enabled for them (`delta.enableDeletionVectors`, then DELETE, UPDATE
+        or MERGE). A table merely enabled for deletion vectors whose files carry none is
+        still plain.
         """
         snapshot = self._snapshot(version)
-        features = set(snapshot.protocol().reader_features or [])
-        mode = (snapshot.metadata().configuration or {}).get("delta.columnMapping.mode") or "none"
-        return not features & {"deletionVectors", "columnMapping"} and mode == "none"
+        return _column_mapping(snapshot) == "none" and not _deleted_rows(snapshot)
+
+    def _refuse_column_mapping(self, snapshot: deltalake.DeltaTable, action: str, direct: bool = False) -> None:
+        """The rs engine, and any `direct` read of the files with pyarrow, take Parquet columns
+        by their logical names, so a column-mapped table (physical names in the files) is
+        delta-spark's to handle."""
+        mode = _column_mapping(snapshot)
+        if mode != "none" and (direct or self.engine == "rs"):
+            how = "with pyarrow" if direct else "with the rs engine"
+            raise StreamrankError(
+                f"cannot {action} {self.spec.name} {how}: the table uses column mapping (mode {mode}), whose "
+                "Parquet columns have physical names; use delta.engine=spark (needs the io.delta jars)")
+
+    def _refuse_deletion_vectors(self, snapshot: deltalake.DeltaTable, action: str) -> None:
+        """The rs engine replaces whole files; a file with a deletion vector would be
+        removed without it (readers match a remove to its add by path AND vector) or
+        rewritten with its deleted rows, so such writes are delta-spark's."""
+        deleted = _deleted_rows(snapshot)
+        if deleted:
+            raise StreamrankError(
+                f"cannot {action} {self.spec.name} with the rs engine: {len(deleted)} of its files carry deletion "
+                "vectors; rewrite them first (delta-spark: REORG TABLE ... APPLY (PURGE)) or set delta.engine=spark")
 
     def _partition_files(self, snapshot: deltalake.DeltaTable, partitions: Where | None
                          ) -> list[tuple[str, dict[str, str | None]]]:
@@ -454,6 +507,8 @@ class DeltaTable:
             )
             return CommitResult(self.version() or 0, -1, -1, -1)
         snapshot = self._snapshot()
+        self._refuse_column_mapping(snapshot, "merge into")
+        self._refuse_deletion_vectors(snapshot, "merge into")
         files = self._files(snapshot)
         touched = files
         pkeys = [k for k in self.spec.partition_by if k in keys]
@@ -556,9 +611,11 @@ class DeltaTable:
             return StagedWrite(self.spec.name, -1, lambda: self._spark_write(df, mode, where, evolve, commit_info, txn),
                                lambda: None)
         snapshot = self._snapshot()
+        self._refuse_column_mapping(snapshot, "write")
         removes: list[tuple[str, dict[str, str | None]]] = []
         frame = df
         if mode == "overwrite":
+            self._refuse_deletion_vectors(snapshot, "overwrite")
             removes, rewrite = self._plan_replace(snapshot, where)
             if rewrite:
                 kept = (
@@ -763,6 +820,39 @@ class DeltaTable:
 def _add_actions(snapshot: deltalake.DeltaTable) -> dict[str, list[Any]]:
     """The snapshot's add actions as Python columns (delta-rs returns an arro3 table)."""
     return pa.table(snapshot.get_add_actions(flatten=True)).to_pydict()
+
+
+def _column_mapping(snapshot: deltalake.DeltaTable) -> str:
+    """The snapshot's column mapping mode: none, name or id."""
+    return (snapshot.metadata().configuration or {}).get("delta.columnMapping.mode") or "none"
+
+
+def _deleted_rows(snapshot: deltalake.DeltaTable) -> dict[str, np.ndarray]:
+    """Row positions deleted by deletion vectors, per data file (local path); only files with some.
+
+    delta-rs resolves each vector (inline or in its own file) to a keep mask; positions
+    past a mask's end are kept. A table whose protocol lacks the feature has none, and
+    is not asked.
+    """
+    if "deletionVectors" not in (snapshot.protocol().reader_features or []):
+        return {}
+    masks = pa.table(snapshot.deletion_vectors().read_all())
+    out = {}
+    if masks.num_rows:
+        column = masks.column("selection_vector").combine_chunks()
+        offsets = np.asarray(column.offsets)
+        keep = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=bool)
+        for i, uri in enumerate(masks.column("filepath").to_pylist()):
+            gone = np.flatnonzero(~keep[offsets[i]:offsets[i + 1]])
+            if gone.size:
+                out[_local_path(uri)] = gone
+    return out
+
+
+def _local_path(uri: str) -> str:
+    """A file URI from delta-rs (file:///a/b%20c) as a local path (/a/b c)."""
+    parsed = urlparse(uri)
+    return unquote(parsed.path) if parsed.scheme in ("", "file") else uri
 
 
 def _committed_version(uri: str, commit_id: str, not_before: int) -> int:

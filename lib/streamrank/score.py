@@ -11,8 +11,8 @@ What is scored, and why it is built this way:
   of the end of D (D+1 00:00 UTC). The workers read them: Spark hands out tasks of
   (file, row group, row range) pieces of the snapshot's files of D, and each Python
   worker reads its pieces with pyarrow, keeps the active viewers and sorts them by
-  history length (score_files; a snapshot with deletion vectors or column mapping is
-  read through Spark instead, score_viewers). Per ``score.batch_size`` viewers a
+  history length (score_files; a snapshot whose files carry deletion vectors, or with
+  column mapping, is read through the Delta engine instead, score_viewers). Per ``score.batch_size`` viewers a
   ``mapInArrow`` computes the encoder output once, ranking scores = viewer_state @
   candidate_matrix.T (one matmul), a deterministic top-K and the intent head on those K
   candidates only (each candidate's target-attention query is computed once per worker
@@ -979,7 +979,8 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
             files = features_t.files(features_v, partitions={"as_of_date": date})
             scored = score_files(spark, files, since, bc, batch_size)
         else:
-            log.info("%s v%s has deletion vectors or column mapping: scoring reads it through Spark",
+            log.info("%s v%s has rows deleted by deletion vectors or uses column mapping: scoring reads it "
+                     "through the Delta engine",
                      VIEWER_FEATURES, features_v)
             scored = score_viewers(active_viewers(features, date, active_days), bc, batch_size)
         scored = scored.persist(StorageLevel.MEMORY_AND_DISK)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import deltalake
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
@@ -360,3 +361,56 @@ def test_restore_brings_back_a_version_as_a_new_commit(spark, wh):
     entry = table.history(1)[0]
     assert entry["operation"] == "RESTORE" and json.loads(entry["userMetadata"])["run_id"] == "r3"
     assert table.read(version=2).filter("run_id = 'r2'").count() == 5  # the undone commit stays in history
+
+
+def test_rows_deleted_by_deletion_vectors_stay_deleted(spark, wh):
+    """delta-spark deleted rows with deletion vectors (their file keeps them): the rs engine
+    reads the table's rows, not the file's, and refuses the writes that replace such a file
+    (it would drop the vector or rewrite the deleted rows); appends add files and go on."""
+    from conftest import delete_with_deletion_vector
+
+    table = wh.table("ops/model_eval")
+    table.append(eval_rows(spark, 300))
+    before = table.version()
+    path = table.files()[0].removeprefix("file://")
+    metrics = pq.read_table(path, columns=["metric"]).column("metric").to_pylist()
+    gone = [0, 7, len(metrics) - 1]
+    deleted = delete_with_deletion_vector(table.uri, Path(path).name, gone)
+    everything = set(rows_of(table.read(before), "metric"))
+    left = sorted(everything - {(metrics[i],) for i in gone})
+    assert len(everything) == 300 and len(left) == 297
+    assert rows_of(table.read(), "metric") == left
+    assert sorted((m,) for m in table.to_arrow().column("metric").to_pylist()) == left
+    # delta-rs's own reader (DataFusion) agrees; a numeric column, as pyarrow 14 has no string views
+    assert pa.table(deltalake.DeltaTable(table.uri).scan(columns=["value"])).num_rows == 297
+    assert not table.plain_parquet() and table.plain_parquet(before)
+    with pytest.raises(StreamrankError, match="ops/model_eval.*deletion vectors"):
+        table.files()
+    with pytest.raises(StreamrankError, match="cannot overwrite ops/model_eval with the rs engine: 1 of its files"):
+        table.overwrite(eval_rows(spark, 10), where={"run_date": D1})
+    with pytest.raises(StreamrankError, match="cannot merge into ops/model_eval with the rs engine"):
+        table.merge(eval_rows(spark, 10), keys=["run_id", "metric"])
+    assert table.version() == deleted
+    table.append(eval_rows(spark, 30, run_id="r2"))
+    assert table.read().count() == 327
+
+
+def test_column_mapped_table_is_refused_by_the_rs_engine(spark, wh):
+    """With column mapping a file's columns have physical names: reading them by their
+    logical names would give nulls, and writing logical names would corrupt the table."""
+    from streamrank.delta import arrow_schema
+
+    table = wh.table("ops/model_eval")
+    rows = eval_rows(spark, 4).collect()
+    deltalake.write_deltalake(
+        table.uri, pa.Table.from_pylist([r.asDict() for r in rows], schema=arrow_schema(table.spec.schema)),
+        partition_by=list(table.spec.partition_by), configuration={"delta.columnMapping.mode": "name"})
+    assert deltalake.DeltaTable(table.uri).count() == 4
+    assert not table.plain_parquet()
+    with pytest.raises(StreamrankError, match="cannot read ops/model_eval with the rs engine: .*column mapping"):
+        table.read()
+    with pytest.raises(StreamrankError, match="cannot read ops/model_eval with pyarrow"):
+        table.to_arrow()
+    with pytest.raises(StreamrankError, match="cannot write ops/model_eval with the rs engine"):
+        table.append(eval_rows(spark, 2))
+    assert table.version() == 0

@@ -166,16 +166,23 @@ def test_no_files_score_nobody(spark, payload_bc):
     assert score_files(spark, [], end_of_day(D), payload_bc, BATCH).count() == 0
 
 
-def test_snapshot_with_deletion_vectors_is_not_read_as_plain_parquet(conf, spark):
+def test_snapshot_with_deleted_rows_is_not_read_as_plain_parquet(conf, spark):
+    """Enabling deletion vectors changes nothing while no file carries one; a deletion
+    vector on any file makes the snapshot's files differ from its rows."""
     import deltalake
+    from conftest import delete_with_deletion_vector
 
     from streamrank.delta import Warehouse
 
     table = Warehouse(spark, conf, engine="rs").table("gold/viewer_features")
     table.create()
-    assert table.plain_parquet()
+    table.append_rows([{"viewer_id": v, "as_of_date": D} for v in "abc"])
     deltalake.DeltaTable(table.uri).alter.set_table_properties({"delta.enableDeletionVectors": "true"})
-    assert not table.plain_parquet() and table.plain_parquet(version=0)
+    enabled = table.version()
+    assert table.plain_parquet() and len(table.files()) == 1
+    delete_with_deletion_vector(table.uri, table.files()[0].rsplit("/", 1)[1], [1])
+    assert not table.plain_parquet() and table.plain_parquet(version=enabled)
     assert table.files(version=0) == []
     with pytest.raises(StreamrankError, match="gold/viewer_features.*deletion vectors.*DeltaTable.read"):
         table.files()  # train and evaluate read files(): they must not resurrect deleted rows
+    assert sorted(r.viewer_id for r in table.read().select("viewer_id").collect()) == ["a", "c"]
