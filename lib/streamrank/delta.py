@@ -382,7 +382,7 @@ class DeltaTable:
         Raises StreamrankError where the files are not the rows (see plain_parquet): a file
         reader would bring back deleted rows, so it must not get a list at all.
         """
-        if not self.plain_parquet(version):
+        if not self.plain_parquet(version, partitions):
             raise StreamrankError(
                 f"{self.spec.name} (version {version if version is not None else 'latest'}) has rows deleted by "
                 "deletion vectors or uses column mapping: its Parquet files are not its rows, so they cannot be read "
@@ -395,8 +395,9 @@ class DeltaTable:
             return sorted(df.inputFiles())
         return sorted(f"file://{path}" for path, _ in self._partition_files(self._snapshot(version), partitions))
 
-    def plain_parquet(self, version: int | None = None) -> bool:
-        """Whether the rows of the snapshot are exactly its files' rows, under their own names.
+    def plain_parquet(self, version: int | None = None, partitions: Where | None = None) -> bool:
+        """Whether the rows of the snapshot (or of some partitions of it) are exactly its
+        files' rows, under their own names.
 
         A reader of `files()` (Petastorm, pyarrow) sees the Parquet files, not the log: a
         file with a deletion vector still holds rows the table deleted, and with column
@@ -406,7 +407,10 @@ class DeltaTable:
         still plain.
         """
         snapshot = self._snapshot(version)
-        return _column_mapping(snapshot) == "none" and not _deleted_rows(snapshot)
+        if _column_mapping(snapshot) != "none":
+            return False
+        deleted = _deleted_rows(snapshot)
+        return not deleted or not any(p in deleted for p, _ in self._partition_files(snapshot, partitions))
 
     def _refuse_column_mapping(self, snapshot: deltalake.DeltaTable, action: str, direct: bool = False) -> None:
         """The rs engine, and any `direct` read of the files with pyarrow, take Parquet columns
@@ -419,15 +423,17 @@ class DeltaTable:
                 f"cannot {action} {self.spec.name} {how}: the table uses column mapping (mode {mode}), whose "
                 "Parquet columns have physical names; use delta.engine=spark (needs the io.delta jars)")
 
-    def _refuse_deletion_vectors(self, snapshot: deltalake.DeltaTable, action: str) -> None:
+    def _refuse_deletion_vectors(self, snapshot: deltalake.DeltaTable, action: str, paths: Iterable[str]) -> None:
         """The rs engine replaces whole files; a file with a deletion vector would be
         removed without it (readers match a remove to its add by path AND vector) or
-        rewritten with its deleted rows, so such writes are delta-spark's."""
-        deleted = _deleted_rows(snapshot)
-        if deleted:
+        rewritten with its deleted rows, so such writes are delta-spark's. Files the write
+        does not replace may keep their vectors."""
+        carrying = sorted(set(paths) & set(_deleted_rows(snapshot)))
+        if carrying:
             raise StreamrankError(
-                f"cannot {action} {self.spec.name} with the rs engine: {len(deleted)} of its files carry deletion "
-                "vectors; rewrite them first (delta-spark: REORG TABLE ... APPLY (PURGE)) or set delta.engine=spark")
+                f"cannot {action} {self.spec.name} with the rs engine: {len(carrying)} of the files it replaces carry "
+                f"deletion vectors (e.g. {carrying[0]}); rewrite them first (delta-spark: REORG TABLE ... "
+                "APPLY (PURGE)) or set delta.engine=spark")
 
     def _partition_files(self, snapshot: deltalake.DeltaTable, partitions: Where | None
                          ) -> list[tuple[str, dict[str, str | None]]]:
@@ -508,13 +514,13 @@ class DeltaTable:
             return CommitResult(self.version() or 0, -1, -1, -1)
         snapshot = self._snapshot()
         self._refuse_column_mapping(snapshot, "merge into")
-        self._refuse_deletion_vectors(snapshot, "merge into")
         files = self._files(snapshot)
         touched = files
         pkeys = [k for k in self.spec.partition_by if k in keys]
         if pkeys:
             wanted = {tuple(_to_text(r[k]) for k in pkeys) for r in df.select(*pkeys).distinct().collect()}
             touched = [f for f in files if tuple(f[1][k] for k in pkeys) in wanted]
+        self._refuse_deletion_vectors(snapshot, "merge into", (p for p, _ in touched))
         if touched:
             target = self.spark.read.schema(self.spec.schema)
             if self.spec.partition_by:
@@ -615,8 +621,8 @@ class DeltaTable:
         removes: list[tuple[str, dict[str, str | None]]] = []
         frame = df
         if mode == "overwrite":
-            self._refuse_deletion_vectors(snapshot, "overwrite")
             removes, rewrite = self._plan_replace(snapshot, where)
+            self._refuse_deletion_vectors(snapshot, "overwrite", (p for p, _ in removes + rewrite))
             if rewrite:
                 kept = (
                     self.spark.read.schema(self.spec.schema).option("basePath", self.uri)

@@ -972,7 +972,7 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
             bc = spark.sparkContext.broadcast(payload)
 
         active_days, batch_size = int(cfg["score.active_days"]), int(cfg["score.batch_size"])
-        direct = features_t.plain_parquet(features_v)
+        direct = features_t.plain_parquet(features_v, partitions={"as_of_date": date})
         run.metrics["viewer_read"] = "files" if direct else "spark"
         if direct:  # the workers read D's files themselves
             since = end_of_day(date) - dt.timedelta(days=active_days)

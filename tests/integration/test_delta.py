@@ -386,13 +386,23 @@ def test_rows_deleted_by_deletion_vectors_stay_deleted(spark, wh):
     assert not table.plain_parquet() and table.plain_parquet(before)
     with pytest.raises(StreamrankError, match="ops/model_eval.*deletion vectors"):
         table.files()
-    with pytest.raises(StreamrankError, match="cannot overwrite ops/model_eval with the rs engine: 1 of its files"):
-        table.overwrite(eval_rows(spark, 10), where={"run_date": D1})
+    vector_date = dt.date.fromisoformat(Path(path).parent.name.removeprefix("run_date="))  # the partition
+    other = next(d for d in (D1, D2, D3) if d != vector_date)
+    assert not table.plain_parquet(partitions={"run_date": vector_date})
+    assert table.plain_parquet(partitions={"run_date": other}) and table.files(partitions={"run_date": other})
+    with pytest.raises(StreamrankError, match="cannot overwrite ops/model_eval with the rs engine: 1 of the files it "
+                                              "replaces carry deletion vectors"):
+        table.overwrite(eval_rows(spark, 10, dates=(vector_date,)), where={"run_date": vector_date})
     with pytest.raises(StreamrankError, match="cannot merge into ops/model_eval with the rs engine"):
         table.merge(eval_rows(spark, 10), keys=["run_id", "metric"])
     assert table.version() == deleted
     table.append(eval_rows(spark, 30, run_id="r2"))
     assert table.read().count() == 327
+    # a partition whose files carry no vector is replaced as usual; the vector's rows stay deleted
+    table.overwrite(eval_rows(spark, 6, run_id="r3", dates=(other,)), where={"run_date": other})
+    assert table.read().filter(F.col("run_date") == F.lit(other)).count() == 6
+    replaced = set(rows_of(table.read(before).filter(F.col("run_date") == F.lit(other)), "metric"))
+    assert rows_of(table.read().filter(F.col("run_id") == "r1"), "metric") == sorted(set(left) - replaced)
 
 
 def test_column_mapped_table_is_refused_by_the_rs_engine(spark, wh):
