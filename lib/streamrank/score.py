@@ -11,9 +11,9 @@ What is scored, and why it is built this way:
   of the end of D (D+1 00:00 UTC). The workers read them: Spark hands out tasks of
   (file, row group, row range) pieces of the snapshot's files of D, and each Python
   worker reads its pieces with pyarrow, keeps the active viewers and sorts them by
-  history length (score_files; a snapshot whose files carry deletion vectors, or with
-  column mapping, is read through the Delta engine instead, score_viewers). Per ``score.batch_size`` viewers a
-  ``mapInArrow`` computes the encoder output once, ranking scores = viewer_state @
+  history length (score_files; a partition whose files carry deletion vectors, or a
+  table with column mapping, is read through the Delta engine instead, score_viewers).
+  Per ``score.batch_size`` viewers a ``mapInArrow`` computes the encoder output once, ranking scores = viewer_state @
   candidate_matrix.T (one matmul), a deterministic top-K and the intent head on those K
   candidates only (each candidate's target-attention query is computed once per worker
   and gathered per pair). Nothing about viewers reaches the driver.
@@ -980,8 +980,7 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
             scored = score_files(spark, files, since, bc, batch_size)
         else:
             log.info("%s v%s has rows deleted by deletion vectors or uses column mapping: scoring reads it "
-                     "through the Delta engine",
-                     VIEWER_FEATURES, features_v)
+                     "through the Delta engine", VIEWER_FEATURES, features_v)
             scored = score_viewers(active_viewers(features, date, active_days), bc, batch_size)
         scored = scored.persist(StorageLevel.MEMORY_AND_DISK)
         try:
