@@ -13,9 +13,9 @@ What is scored, and why it is built this way:
   worker reads its pieces with pyarrow, keeps the active viewers and sorts them by
   history length (score_files; a partition whose files carry deletion vectors, or a
   table with column mapping, is read through the Delta engine instead, score_viewers).
-  Per ``score.batch_size`` viewers a ``mapInArrow`` computes the encoder output once, ranking scores = viewer_state @
-  candidate_matrix.T (one matmul), a deterministic top-K and the intent head on those K
-  candidates only (each candidate's target-attention query is computed once per worker
+  Per ``score.batch_size`` viewers a ``mapInArrow`` computes the encoder output once,
+  ranking scores = viewer_state @ candidate_matrix.T (one matmul), a deterministic top-K
+  and the intent head on those K candidates only (each candidate's target-attention query is computed once per worker
   and gathered per pair). Nothing about viewers reaches the driver.
 - Candidates: the products of bronze/stream_products snapshot_date = D+1 (no rows:
   MissingInputError, exit 5, naming the table and the landing file). A product shown in
