@@ -58,6 +58,10 @@ FAULT_ENV = "STREAMRANK_FAULT_BEFORE_COMMIT"  # "<table>:raise" or "<table>:kill
 Where = Mapping[str, Any]  # column -> value or list of values (IN), ANDed
 
 
+class NotPlainParquetError(StreamrankError):
+    """`DeltaTable.files` of a snapshot whose files are not its rows (deletion vectors, column mapping)."""
+
+
 class InjectedFault(StreamrankError):
     """Raised by the test hook between writing files and committing them."""
 
@@ -379,11 +383,13 @@ class DeltaTable:
         """Absolute file URIs of a snapshot (optionally of some partitions only): exactly what
         a reader such as Petastorm must read, nothing a concurrent writer has not committed.
 
-        Raises StreamrankError where the files are not the rows (see plain_parquet): a file
-        reader would bring back deleted rows, so it must not get a list at all.
+        Raises NotPlainParquetError where the files are not the rows (see plain_parquet): a
+        file reader would bring back deleted rows, so it must not get a list at all.
         """
-        if not self.plain_parquet(version, partitions):
-            raise StreamrankError(
+        snapshot = self._snapshot(version)
+        selected = self._partition_files(snapshot, partitions)
+        if not _plain(snapshot, selected):
+            raise NotPlainParquetError(
                 f"{self.spec.name} (version {version if version is not None else 'latest'}) has rows deleted by "
                 "deletion vectors or uses column mapping: its Parquet files are not its rows, so they cannot be read "
                 "directly; read it through the engine (DeltaTable.read), or rewrite its files without deletion "
@@ -393,7 +399,7 @@ class DeltaTable:
             if partitions:
                 df = df.filter(_where_column(partitions))
             return sorted(df.inputFiles())
-        return sorted(f"file://{path}" for path, _ in self._partition_files(self._snapshot(version), partitions))
+        return sorted(f"file://{path}" for path, _ in selected)
 
     def plain_parquet(self, version: int | None = None, partitions: Where | None = None) -> bool:
         """Whether the rows of the snapshot (or of some partitions of it) are exactly its
@@ -407,10 +413,7 @@ class DeltaTable:
         still plain.
         """
         snapshot = self._snapshot(version)
-        if _column_mapping(snapshot) != "none":
-            return False
-        deleted = _deleted_rows(snapshot)
-        return not deleted or not any(p in deleted for p, _ in self._partition_files(snapshot, partitions))
+        return _plain(snapshot, self._partition_files(snapshot, partitions))
 
     def _refuse_column_mapping(self, snapshot: deltalake.DeltaTable, action: str, direct: bool = False) -> None:
         """The rs engine, and any `direct` read of the files with pyarrow, take Parquet columns
@@ -826,6 +829,14 @@ class DeltaTable:
 def _add_actions(snapshot: deltalake.DeltaTable) -> dict[str, list[Any]]:
     """The snapshot's add actions as Python columns (delta-rs returns an arro3 table)."""
     return pa.table(snapshot.get_add_actions(flatten=True)).to_pydict()
+
+
+def _plain(snapshot: deltalake.DeltaTable, selected: Sequence[tuple[str, Any]]) -> bool:
+    """`plain_parquet` of the `selected` files of a loaded snapshot."""
+    if _column_mapping(snapshot) != "none":
+        return False
+    deleted = _deleted_rows(snapshot)
+    return not deleted or not any(path in deleted for path, _ in selected)
 
 
 def _column_mapping(snapshot: deltalake.DeltaTable) -> str:

@@ -104,7 +104,7 @@ from pyspark.sql import types as T
 from streamrank.allocator import keep_freed_memory
 from streamrank.config import CHOICES, parse_date
 from streamrank.context import Context, PhaseTimer, stage_run
-from streamrank.delta import arrow_schema
+from streamrank.delta import NotPlainParquetError, arrow_schema
 from streamrank.errors import ConfigError, MissingInputError, NoChampionError
 from streamrank.features import first_slots, hour_token, price_thresholds
 from streamrank.model import (
@@ -972,11 +972,13 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
             bc = spark.sparkContext.broadcast(payload)
 
         active_days, batch_size = int(cfg["score.active_days"]), int(cfg["score.batch_size"])
-        direct = features_t.plain_parquet(features_v, partitions={"as_of_date": date})
-        run.metrics["viewer_read"] = "files" if direct else "spark"
-        if direct:  # the workers read D's files themselves
+        try:
+            files: list[str] | None = features_t.files(features_v, partitions={"as_of_date": date})
+        except NotPlainParquetError:
+            files = None
+        run.metrics["viewer_read"] = "files" if files is not None else "spark"
+        if files is not None:  # the workers read D's files themselves
             since = end_of_day(date) - dt.timedelta(days=active_days)
-            files = features_t.files(features_v, partitions={"as_of_date": date})
             scored = score_files(spark, files, since, bc, batch_size)
         else:
             log.info("%s v%s has rows deleted by deletion vectors or uses column mapping: scoring reads it "
