@@ -181,19 +181,61 @@ def type_events(bronze: DataFrame) -> DataFrame:
     ).withColumn("_us", F.unix_micros("_ts"))
 
 
-def in_set(column: str, values: Collection[str]) -> Column:
-    """`column IN (values)` as one SQL expression: null when the column is null, like isin.
+def in_sql(column: str, values: Collection[str]) -> str:
+    """`column IN (values)` as SQL text: null when the column is null, like Column.isin.
 
     Column.isin sends every value to the JVM as its own literal, one py4j round trip each:
     the ~5,000 catalog and schedule ids of a scale-1 day cost 2.8 s of driver time before
     any Spark job ran (cProfile of bench_clean). One parsed expression costs milliseconds,
     and Spark still turns a long IN list into a hash-set lookup (InSet).
     """
+    name = f"`{column.replace('`', '``')}`"
     items = sorted(set(values))
     if not items:
-        return F.when(F.col(column).isNotNull(), F.lit(False))
-    quoted = ",".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in items)
-    return F.expr(f"`{column.replace('`', '``')}` IN ({quoted})")
+        return f"CASE WHEN {name} IS NOT NULL THEN false END"
+    return f"{name} IN ({','.join(_sql_string(v) for v in items)})"
+
+
+def in_set(column: str, values: Collection[str]) -> Column:
+    """`in_sql` as a Column."""
+    return F.expr(in_sql(column, values))
+
+
+def _sql_string(value: str) -> str:
+    """A SQL string literal of `value` (quotes and backslashes escaped)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def reason_conditions(day: dt.date, rules: CleanRules, product_ids: Collection[str],
+                      stream_ids: Collection[str]) -> dict[str, str]:
+    """Each row-level reason code -> its condition, as Spark SQL over `type_events` columns.
+
+    SQL text rather than Column objects: every Column call is a py4j round trip (about
+    1,700 for these conditions), and parsing one string per condition takes a fraction of
+    that driver time, before the stage's first job can start.
+    """
+    bad_type = " OR ".join([f"({c} IS NOT NULL AND _{c} IS NULL)" for c in NUMERIC]
+                           + ["(event_ts IS NOT NULL AND _ts IS NULL)"])
+    missing = " OR ".join(f"{c} IS NULL" for c in REQUIRED)
+    future_us = _utc_micros(day, days=1, hours=rules.future_tolerance_hours)
+    past_us = _utc_micros(day, days=-rules.max_lateness_days)
+    max_price = repr(float(rules.max_price))
+    return {
+        "malformed": "NOT _parsed",
+        "bad_encoding": "contains(raw_line, '\ufffd')",
+        "bad_type": f"_parsed AND ({bad_type})",
+        "missing_field": f"_parsed AND ({missing})",
+        "unknown_event_type": f"_parsed AND event_type IS NOT NULL AND NOT {in_sql('event_type', EVENT_TYPES)}",
+        "bad_dwell": f"_parsed AND (_dwell_ms < 0 OR _dwell_ms > {int(rules.max_dwell_ms)})",
+        # NaN compares greater than any number in Spark, so it lands here too
+        "bad_price": (f"_parsed AND (_price_paid < 0 OR _price_paid > CAST({max_price} AS DOUBLE) OR isnan(_price_paid)"
+                      " OR abs(_price_paid) = CAST('Infinity' AS DOUBLE))"),
+        "bad_quantity": f"_parsed AND (_quantity < 1 OR _quantity > {int(rules.max_quantity)})",
+        "future_ts": f"_parsed AND _us > {future_us}",
+        "past_ts": f"_parsed AND _us < {past_us}",
+        "unknown_product": f"_parsed AND product_id IS NOT NULL AND NOT {in_sql('product_id', product_ids)}",
+        "unknown_stream": f"_parsed AND stream_id IS NOT NULL AND NOT {in_sql('stream_id', stream_ids)}",
+    }
 
 
 def row_reasons(typed: DataFrame, day: dt.date, rules: CleanRules,
@@ -201,42 +243,13 @@ def row_reasons(typed: DataFrame, day: dt.date, rules: CleanRules,
     """Add one boolean `_r_<code>` column per row-level reason, and `_bad` (any of them).
 
     Known product and stream ids come as Python collections (a catalog snapshot is a
-    few thousand ids): Spark turns `isin` over them into a hash-set lookup inside the
-    scan, where a broadcast join would cost extra jobs per run. The bot reason is
+    few thousand ids): Spark turns the IN lists over them into hash-set lookups inside
+    the scan, where a broadcast join would cost extra jobs per run. The bot reason is
     viewer-level and added by `with_bots`.
     """
-    parsed = F.col("_parsed")
-    bad_type = F.lit(False)
-    for c in NUMERIC:
-        bad_type = bad_type | (F.col(c).isNotNull() & F.col(f"_{c}").isNull())
-    bad_type = bad_type | (F.col("event_ts").isNotNull() & F.col("_ts").isNull())
-    missing = F.lit(False)
-    for c in REQUIRED:
-        missing = missing | F.col(c).isNull()
-    future_us = _utc_micros(day, days=1, hours=rules.future_tolerance_hours)
-    past_us = _utc_micros(day, days=-rules.max_lateness_days)
-    price = F.col("_price_paid")
-    conds: dict[str, Column] = {
-        "malformed": ~parsed,
-        "bad_encoding": F.col("raw_line").contains("\ufffd"),
-        "bad_type": parsed & bad_type,
-        "missing_field": parsed & missing,
-        "unknown_event_type": parsed & F.col("event_type").isNotNull() & ~F.col("event_type").isin(list(EVENT_TYPES)),
-        "bad_dwell": parsed & ((F.col("_dwell_ms") < 0) | (F.col("_dwell_ms") > rules.max_dwell_ms)),
-        # NaN compares greater than any number in Spark, so it lands here too
-        "bad_price": parsed & ((price < 0) | (price > rules.max_price) | F.isnan(price) | (F.abs(price) == float("inf"))),
-        "bad_quantity": parsed & ((F.col("_quantity") < 1) | (F.col("_quantity") > rules.max_quantity)),
-        "future_ts": parsed & (F.col("_us") > future_us),
-        "past_ts": parsed & (F.col("_us") < past_us),
-        "unknown_product": parsed & F.col("product_id").isNotNull() & ~in_set("product_id", product_ids),
-        "unknown_stream": parsed & F.col("stream_id").isNotNull() & ~in_set("stream_id", stream_ids),
-    }
-    flags = [F.coalesce(cond, F.lit(False)).alias(f"_r_{code}") for code, cond in conds.items()]
-    out = typed.select("*", *flags)
-    bad = F.lit(False)
-    for code in conds:
-        bad = bad | F.col(f"_r_{code}")
-    return out.withColumn("_bad", bad)
+    conds = reason_conditions(day, rules, product_ids, stream_ids)
+    flags = [F.expr(f"coalesce({cond}, false)").alias(f"_r_{code}") for code, cond in conds.items()]
+    return typed.select("*", *flags).withColumn("_bad", F.expr(" OR ".join(f"_r_{code}" for code in conds)))
 
 
 def _bot_events(df: DataFrame) -> DataFrame:
@@ -325,22 +338,17 @@ def minimise(flagged: DataFrame) -> DataFrame:
     rest of the row. `_us` and `_parsed` stay for the bot rule, which `with_bots`
     applies on top.
     """
-    flags = F.lit(0)
-    for i, code in enumerate(REASONS):
-        if code != "bot":
-            flags = flags + F.when(F.col(f"_r_{code}"), F.lit(1 << i)).otherwise(F.lit(0))
-    keep_raw = F.col("_bad")
-    comment = F.col("comment_text")
-    return flagged.select(
+    flags = " + ".join(f"CASE WHEN _r_{code} THEN {1 << i} ELSE 0 END" for i, code in enumerate(REASONS) if code != "bot")
+    return flagged.selectExpr(  # SQL text: one py4j call instead of one per Column (see reason_conditions)
         "event_id", "viewer_id", "session_id", "stream_id", "host_id", "product_id", "event_type", "app_version",
         "source_file", "line_number", "_ts", "_us", "_parsed", "_dwell_ms", "_price_paid", "_quantity",
-        # UTC calendar date from epoch seconds: independent of spark.sql.session.timeZone
-        F.date_from_unix_date(F.floor(F.col("_us") / (86_400 * _US_PER_S)).cast("int")).alias("event_date"),
-        (comment.isNotNull() & (F.length(comment) > 0)).alias("has_comment"),
-        F.coalesce(F.length(comment), F.lit(0)).cast("int").alias("comment_length"),
-        flags.alias("_flags"),
-        F.when(keep_raw, F.col("raw_line")).alias("raw_line"),
-        F.when(keep_raw, F.col("event_ts")).alias("event_ts"),
+        # UTC calendar date from epoch microseconds: independent of spark.sql.session.timeZone
+        f"date_from_unix_date(CAST(floor(_us / {86_400 * _US_PER_S}) AS INT)) AS event_date",
+        "comment_text IS NOT NULL AND length(comment_text) > 0 AS has_comment",
+        "CAST(coalesce(length(comment_text), 0) AS INT) AS comment_length",
+        f"0 + {flags} AS _flags",
+        "CASE WHEN _bad THEN raw_line END AS raw_line",
+        "CASE WHEN _bad THEN event_ts END AS event_ts",
     )
 
 
@@ -348,8 +356,8 @@ def with_bots(minimised: DataFrame, bot_viewers: Sequence[str]) -> DataFrame:
     """Set the `bot` bit on every parsed row of the bot viewers (the viewer-level reason)."""
     if not bot_viewers:
         return minimised
-    is_bot = F.col("_parsed") & F.coalesce(in_set("viewer_id", bot_viewers), F.lit(False))
-    return minimised.withColumn("_flags", F.col("_flags").bitwiseOR(F.when(is_bot, F.lit(_BIT["bot"])).otherwise(F.lit(0))))
+    is_bot = f"_parsed AND coalesce({in_sql('viewer_id', bot_viewers)}, false)"
+    return minimised.withColumn("_flags", F.expr(f"_flags | CASE WHEN {is_bot} THEN {_BIT['bot']} ELSE 0 END"))
 
 
 def apply_bots(flagged: DataFrame, bot_viewers: Sequence[str]) -> DataFrame:
@@ -373,7 +381,11 @@ def bot_lines(bronze: DataFrame, bot_viewers: Sequence[str]) -> DataFrame | None
 
 def has_reason(code: str) -> Column:
     """Whether a row of the minimised frame carries reason `code`."""
-    return (F.col("_flags").bitwiseAND(F.lit(_BIT[code]))) != 0
+    return F.expr(_has_reason_sql(code))
+
+
+def _has_reason_sql(code: str) -> str:
+    return f"(_flags & {_BIT[code]}) != 0"
 
 
 def duplicate_plan(marked: DataFrame, prior_ids: DataFrame | None) -> DataFrame:
@@ -407,30 +419,27 @@ def duplicate_plan(marked: DataFrame, prior_ids: DataFrame | None) -> DataFrame:
 def label(marked: DataFrame, dups: DataFrame) -> DataFrame:
     """Add `outcome` (silver | quarantine | duplicate) and `reasons` (sorted codes) to every row."""
     joined = marked.join(F.broadcast(dups), "event_id", "left")
-    first = (F.col("source_file") == F.col("_keep_file")) & (F.col("line_number") == F.col("_keep_line"))
-    outcome = (
-        F.when(F.col("_flags") != 0, F.lit(_OUTCOME_QUARANTINE))
-        .when(F.coalesce(F.col("_in_prior"), F.lit(False)), F.lit(_OUTCOME_DUPLICATE))
-        .when(F.col("_keep_file").isNotNull() & ~F.coalesce(first, F.lit(False)), F.lit(_OUTCOME_DUPLICATE))
-        .otherwise(F.lit(_OUTCOME_SILVER))
-    )
+    first = "source_file = _keep_file AND line_number = _keep_line"
+    outcome = (f"CASE WHEN _flags != 0 THEN '{_OUTCOME_QUARANTINE}'"
+               f" WHEN coalesce(_in_prior, false) THEN '{_OUTCOME_DUPLICATE}'"
+               f" WHEN _keep_file IS NOT NULL AND NOT coalesce({first}, false) THEN '{_OUTCOME_DUPLICATE}'"
+               f" ELSE '{_OUTCOME_SILVER}' END")
     # built from the cached flags on use; only quarantine rows ever project it
-    reasons = F.array_compact(F.array(*[F.when(has_reason(code), F.lit(code)) for code in REASONS]))
-    return joined.withColumn("outcome", outcome).withColumn("reasons", reasons)
+    reasons = "array_compact(array(" + ", ".join(f"CASE WHEN {_has_reason_sql(c)} THEN '{c}' END" for c in REASONS) + "))"
+    return joined.withColumns({"outcome": F.expr(outcome), "reasons": F.expr(reasons)})
 
 
 def outcome_counts(labelled: DataFrame, day: dt.date) -> dict[str, int]:
     """The conservation counts, late rows and per-reason counts, in ONE Spark job."""
-    is_ = lambda o: F.col("outcome") == o  # noqa: E731
     aggs = [
-        F.count("*").alias("labelled_rows"),
-        F.count(F.when(is_(_OUTCOME_SILVER), 1)).alias("silver_rows"),
-        F.count(F.when(is_(_OUTCOME_QUARANTINE), 1)).alias("quarantined_rows"),
-        F.count(F.when(is_(_OUTCOME_DUPLICATE), 1)).alias("duplicates_dropped"),
-        F.count(F.when(is_(_OUTCOME_SILVER) & (F.col("event_date") < F.lit(day)), 1)).alias("late_rows"),
-        *[F.count(F.when(has_reason(code), 1)).alias(f"reason.{code}") for code in REASONS],
+        "count(*) AS labelled_rows",
+        f"count_if(outcome = '{_OUTCOME_SILVER}') AS silver_rows",
+        f"count_if(outcome = '{_OUTCOME_QUARANTINE}') AS quarantined_rows",
+        f"count_if(outcome = '{_OUTCOME_DUPLICATE}') AS duplicates_dropped",
+        f"count_if(outcome = '{_OUTCOME_SILVER}' AND event_date < DATE'{day.isoformat()}') AS late_rows",
+        *[f"count_if({_has_reason_sql(code)}) AS `reason.{code}`" for code in REASONS],
     ]
-    row = labelled.agg(*aggs).first()
+    row = labelled.selectExpr(*aggs).first()
     return {k: int(v or 0) for k, v in row.asDict().items()}
 
 
