@@ -87,7 +87,7 @@ from pyspark.sql import types as T
 
 from streamrank.errors import MissingInputError, StreamrankError
 from streamrank.publish import publish_staged
-from streamrank.spark import session_settings
+from streamrank.spark import session_settings, without_dictionaries
 
 if TYPE_CHECKING:
     from streamrank.config import Config
@@ -133,6 +133,9 @@ _ISO_TS = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}(:?\d
 _US_PER_S = 1_000_000
 _OUTCOME_SILVER, _OUTCOME_QUARANTINE, _OUTCOME_DUPLICATE = "silver", "quarantine", "duplicate"
 _BIT: dict[str, int] = {code: 1 << i for i, code in enumerate(REASONS)}
+#: silver and quarantine columns written without a Parquet dictionary (`write_settings`): their
+#: values are (nearly) unique per row, and viewer_id, which repeats, keeps its dictionary
+NO_DICTIONARY: tuple[str, ...] = ("event_id", "session_id", "event_ts", "line_number", "dwell_ms", "raw_line")
 
 
 @dataclass(frozen=True)
@@ -633,7 +636,7 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
         # other rows of the same event_date partitions, are untouched).
         commit = {"stage": STAGE, "run_id": run_id, "ingest_date": day.isoformat()}
         staging: list[Future[StagedWrite]] = []
-        with session_settings(spark, unsorted_partition_writes(rules)), ThreadPoolExecutor(max_workers=2) as pool:
+        with session_settings(spark, write_settings(rules)), ThreadPoolExecutor(max_workers=2) as pool:
 
             def start_writes() -> None:
                 staging.extend(pool.submit(t.stage_overwrite, df, where={"ingest_date": day}, commit_info=commit)
@@ -709,6 +712,12 @@ def _discard(staging: Sequence[Future[StagedWrite]]) -> None:
             future.result().discard()
         except Exception as exc:  # noqa: BLE001 - the error being raised already says why the stage failed
             log.warning("clean: a staged write failed too (%s); what it left is unreferenced and `vacuum` removes it", exc)
+
+
+def write_settings(rules: CleanRules) -> dict[str, str]:
+    """Session settings for clean's two writes: `unsorted_partition_writes`, and no Parquet
+    dictionary for the columns whose values (almost) never repeat (`NO_DICTIONARY`)."""
+    return {**unsorted_partition_writes(rules), **without_dictionaries(NO_DICTIONARY)}
 
 
 def unsorted_partition_writes(rules: CleanRules) -> dict[str, str]:

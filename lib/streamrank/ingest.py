@@ -142,7 +142,7 @@ from streamrank.context import Context, StageRun, stage_run
 from streamrank.delta import DeltaTable, InjectedFault, arrow_schema
 from streamrank.errors import MissingInputError, StreamrankError
 from streamrank.schemas import table_spec
-from streamrank.spark import session_settings
+from streamrank.spark import session_settings, without_dictionaries
 
 log = logging.getLogger(__name__)
 
@@ -474,9 +474,7 @@ def _file_per_partition(spark: SparkSession) -> Iterator[None]:
         "spark.sql.files.maxPartitionBytes": str(_HUGE),
         "spark.sql.files.openCostInBytes": str(_HUGE),
         "spark.sql.files.maxPartitionNum": None,  # a cap would coalesce files
-        # Parquet dictionaries for (nearly) unique columns cost CPU and save nothing: the
-        # writer builds one until it overflows and falls back. About 15% of the write.
-        **{f"parquet.enable.dictionary#{c}": "false" for c in _NO_DICTIONARY},
+        **without_dictionaries(_NO_DICTIONARY),
     }):
         yield
 

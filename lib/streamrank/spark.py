@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -124,6 +124,18 @@ def delta_classes_loaded(spark: SparkSession) -> bool:
         return True
     except Exception:  # noqa: BLE001 - py4j wraps ClassNotFoundException
         return False
+
+
+def without_dictionaries(columns: Iterable[str]) -> dict[str, str]:
+    """Settings (for `session_settings`) that write `columns` without Parquet dictionaries.
+
+    For a column whose values (almost) never repeat, the Parquet writer builds a
+    dictionary until it overflows its page limit and then falls back to plain encoding:
+    CPU spent for nothing. Measured: about 15 % of ingest's bronze write, and clean's
+    silver write went from 2.26 to 1.82 s (scale-1 day, median of 3), files 7 % larger
+    and no slower to read.
+    """
+    return {f"parquet.enable.dictionary#{c}": "false" for c in columns}
 
 
 @contextmanager
