@@ -61,8 +61,10 @@ passed, otherwise the staged files are deleted. The commits are
 journaled (publish.py), so a kill between them is rolled back by the next stage run.
 Catalog and schedule ids are read without Spark (delta-rs picks the snapshot partitions'
 files, pyarrow reads them) into hash-set lookups instead of broadcast joins, sent to the
-JVM as one parsed IN expression (`in_set`), not one py4j literal per id. Phases are
-timed with time.perf_counter into run.metrics["phases_s"].
+JVM as one parsed IN expression (`in_sql`), not one py4j literal per id; the other
+per-row expressions are SQL text too, for the same reason (`reason_conditions`). Columns
+whose values never repeat are written without Parquet dictionaries (`write_settings`).
+Phases are timed with time.perf_counter into run.metrics["phases_s"].
 """
 
 from __future__ import annotations

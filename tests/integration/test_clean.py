@@ -22,6 +22,7 @@ from streamrank import clean as clean_mod
 from streamrank.clean import (
     LEDGER_DUPLICATES,
     LEDGER_REASON,
+    NO_DICTIONARY,
     REASONS,
     CleanRules,
     apply_bots,
@@ -37,6 +38,7 @@ from streamrank.clean import (
 from streamrank.context import Context
 from streamrank.errors import MissingInputError, QualityGateError, StreamrankError
 from streamrank.schemas import table_spec
+from streamrank.spark import without_dictionaries
 
 D1, D2 = dt.date(2026, 3, 1), dt.date(2026, 3, 2)
 PII = ("ip", "device_id", "comment_text")
@@ -111,6 +113,26 @@ def test_ledger_counts_land_where_they_should(world):
     assert silver.filter("has_comment AND comment_length > 0").count() == silver.filter("has_comment").count()
     runs = ctx.table("ops/job_runs").to_arrow().to_pylist()
     assert sum(1 for r in runs if r["stage"] == "clean" and r["status"] == "success") == 2
+
+
+def test_near_unique_columns_are_written_without_dictionaries(world, spark):
+    """clean's write settings reach the Parquet writer, and leave the session as they found it."""
+    import pyarrow.parquet as pq
+
+    ctx: Context = world["ctx"]
+    for table, repeating in (("silver/viewer_events", ("viewer_id", "event_type")), ("silver/quarantine", ("source_file",))):
+        dictionary_used: set[str] = set()
+        for uri in ctx.table(table).files():
+            meta = pq.ParquetFile(uri.removeprefix("file://")).metadata
+            for g in range(meta.num_row_groups):
+                encodings = {meta.row_group(g).column(c).path_in_schema: meta.row_group(g).column(c).encodings
+                             for c in range(meta.num_columns)}
+                for name in set(NO_DICTIONARY) & set(encodings):
+                    assert not any("DICTIONARY" in e for e in encodings[name]), (table, name, encodings[name])
+                dictionary_used |= {name for name, codes in encodings.items() if any("DICTIONARY" in e for e in codes)}
+        # the writer still uses dictionaries elsewhere (it drops one where it does not pay, e.g. a tiny file)
+        assert set(repeating) <= dictionary_used, (table, dictionary_used)
+    assert all(spark.conf.get(k, None) is None for k in without_dictionaries(NO_DICTIONARY))
 
 
 def test_volume_ratio_is_against_the_trailing_median_of_earlier_days(world):
