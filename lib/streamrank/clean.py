@@ -384,12 +384,8 @@ def bot_lines(bronze: DataFrame, bot_viewers: Sequence[str]) -> DataFrame | None
         "source_file", "line_number", F.col("raw_line").alias("_bot_raw_line"), F.col("event_ts").alias("_bot_event_ts"))
 
 
-def has_reason(code: str) -> Column:
-    """Whether a row of the minimised frame carries reason `code`."""
-    return F.expr(_has_reason_sql(code))
-
-
-def _has_reason_sql(code: str) -> str:
+def has_reason(code: str) -> str:
+    """Whether a row of the minimised frame carries reason `code`, as SQL text."""
     return f"(_flags & {_BIT[code]}) != 0"
 
 
@@ -430,7 +426,7 @@ def label(marked: DataFrame, dups: DataFrame) -> DataFrame:
                f" WHEN _keep_file IS NOT NULL AND NOT coalesce({first}, false) THEN '{_OUTCOME_DUPLICATE}'"
                f" ELSE '{_OUTCOME_SILVER}' END")
     # built from the cached flags on use; only quarantine rows ever project it
-    reasons = "array_compact(array(" + ", ".join(f"CASE WHEN {_has_reason_sql(c)} THEN '{c}' END" for c in REASONS) + "))"
+    reasons = "array_compact(array(" + ", ".join(f"CASE WHEN {has_reason(c)} THEN '{c}' END" for c in REASONS) + "))"
     return joined.withColumns({"outcome": F.expr(outcome), "reasons": F.expr(reasons)})
 
 
@@ -442,7 +438,7 @@ def outcome_counts(labelled: DataFrame, day: dt.date) -> dict[str, int]:
         f"count_if(outcome = '{_OUTCOME_QUARANTINE}') AS quarantined_rows",
         f"count_if(outcome = '{_OUTCOME_DUPLICATE}') AS duplicates_dropped",
         f"count_if(outcome = '{_OUTCOME_SILVER}' AND event_date < DATE'{day.isoformat()}') AS late_rows",
-        *[f"count_if({_has_reason_sql(code)}) AS `reason.{code}`" for code in REASONS],
+        *[f"count_if({has_reason(code)}) AS `reason.{code}`" for code in REASONS],
     ]
     row = labelled.selectExpr(*aggs).first()
     return {k: int(v or 0) for k, v in row.asDict().items()}
