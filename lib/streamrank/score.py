@@ -15,8 +15,9 @@ What is scored, and why it is built this way:
   table with column mapping, is read through the Delta engine instead, score_viewers).
   Per ``score.batch_size`` viewers a ``mapInArrow`` computes the encoder output once,
   ranking scores = viewer_state @ candidate_matrix.T (one matmul), a deterministic top-K
-  and the intent head on those K candidates only (each candidate's target-attention query is computed once per worker
-  and gathered per pair). Nothing about viewers reaches the driver.
+  and the intent head on those K candidates only (each candidate's target-attention
+  query is computed once per worker and gathered per pair). Nothing about viewers
+  reaches the driver.
 - Candidates: the products of bronze/stream_products snapshot_date = D+1 (no rows:
   MissingInputError, exit 5, naming the table and the landing file). A product shown in
   several slots keeps its EARLIEST slot (ties: smallest stream_id), because a
