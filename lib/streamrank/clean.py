@@ -270,7 +270,7 @@ def heavy_viewers(bronze: DataFrame, rules: CleanRules) -> list[str]:
     purchases than a bot may make in one hour: the only ones who CAN be bots, sorted.
 
     One aggregation per viewer over three narrow bronze columns, before the main pass:
-    about 4 % of a day's viewers pass (scale 1: 3,653 of 93,587), so the main pass keeps
+    about 4 % of a day's viewers pass (scale 1: 3,652 of 93,587), so the main pass keeps
     the raw text of their rows (a bot's rows are quarantined with it) and groups only
     their events by minute (`bot_candidates`) instead of all 1M rows. Counted over parsed
     rows with a viewer, duplicates included: a superset of what the bot rule counts.
