@@ -46,7 +46,7 @@ duplicates_dropped; empty_files -> no rows at all).
 Performance (measured, see tests/benchmarks/bench_clean.py; each Spark job costs, so
 the stage is planned around few of them): bronze rows are wide (the raw line is most of
 their bytes), so they are never materialised. The labelled frame is built knowing every
-row-level reason, minimised (no PII, raw_line kept only on rows with a reason, all
+row-level reason, minimised (no PII, raw_line kept only where quarantine may need it, all
 reasons packed into one int bit mask) and materialised once in executor memory
 (`materialise`) by the first job over it. Before it, one narrow aggregation per viewer
 (`heavy_viewers`) finds the ~4 % of viewers busy enough to be bots: the frame keeps
