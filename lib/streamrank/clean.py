@@ -46,12 +46,11 @@ duplicates_dropped; empty_files -> no rows at all).
 Performance (measured, see tests/benchmarks/bench_clean.py; each Spark job costs, so
 the stage is planned around few of them): bronze rows are wide (the raw line is most of
 their bytes), so they are never materialised. The labelled frame is built knowing every
-row-level reason, minimised (no PII, raw_line kept only where quarantine may need it, all
+row-level reason, minimised (no PII, raw_line kept only on rows with a reason, all
 reasons packed into one int bit mask) and materialised once in executor memory
-(`materialise`) by the first job over it. Before it, one narrow aggregation per viewer
-(`heavy_viewers`) finds the ~4 % of viewers busy enough to be bots: the frame keeps
-their raw lines too, and the first job groups only their events by minute to find the
-few who may be bots; confirming them reads memory. So bronze is scanned once in full. The
+(`materialise`) by the first job over it, the aggregation that finds the few viewers who
+may be bots; confirming them reads memory, and the bots' own raw lines are fetched from
+bronze during the quarantine write (`bot_lines`), so bronze is scanned once in full. The
 dedup plan is one aggregation over the frame, cached and broadcast; the four
 conservation counts and the per-reason counts are ONE aggregation. Write, audit,
 publish: once the counts conserve, the silver and quarantine files are written (staged,
@@ -265,29 +264,7 @@ def _bot_events(df: DataFrame) -> DataFrame:
     )
 
 
-def heavy_viewers(bronze: DataFrame, rules: CleanRules) -> list[str]:
-    """Viewers with more events in the day than a bot may have in one minute, or more
-    purchases than a bot may make in one hour: the only ones who CAN be bots, sorted.
-
-    One aggregation per viewer over three narrow bronze columns, before the main pass:
-    about 4 % of a day's viewers pass (scale 1: 3,652 of 93,587), so the main pass keeps
-    the raw text of their rows (a bot's rows are quarantined with it) and groups only
-    their events by minute (`bot_candidates`) instead of all 1M rows. Counted over parsed
-    rows with a viewer, duplicates included: a superset of what the bot rule counts.
-    Collected to the driver: the list goes back to the JVM as one IN expression
-    (`minimise`), planned once, where a join against the aggregation would rescan bronze.
-    """
-    ne, nb = rules.bot_max_events_per_minute, rules.bot_max_purchases_per_hour
-    per_viewer = (
-        bronze.filter(F.coalesce(F.col("parse_ok"), F.lit(False)) & F.col("viewer_id").isNotNull())
-        .groupBy("viewer_id")
-        .agg(F.count("*").alias("_n"), F.count(F.when(F.col("event_type") == "purchase", 1)).alias("_b"))
-        .filter((F.col("_n") > ne) | (F.col("_b") > nb))
-    )
-    return sorted(r["viewer_id"] for r in per_viewer.collect())
-
-
-def bot_candidates(df: DataFrame, rules: CleanRules) -> list[str]:
+def bot_candidates(typed: DataFrame, rules: CleanRules) -> list[str]:
     """Viewers who MAY be over a bot threshold: a superset of the bots, found by one aggregation.
 
     A 60 s window overlaps at most two calendar minutes, so a window with more than N
@@ -295,12 +272,10 @@ def bot_candidates(df: DataFrame, rules: CleanRules) -> list[str]:
     purchases per hour. One aggregation per viewer-minute returns the busy minutes and
     the minutes with a purchase (rare, so few rows) and the hours are summed here.
     Normal viewers stay far below the bar, so the list is the bots plus few others.
-    When `df` has the `_heavy` flag (`minimise`), only those rows are grouped: a small
-    fraction of the day, where grouping every row shuffled nearly all of them.
     """
     ne, nb = rules.bot_max_events_per_minute, rules.bot_max_purchases_per_hour
     per_minute = (
-        _bot_events(df.filter(F.col("_heavy")) if "_heavy" in df.columns else df)
+        _bot_events(typed)
         .groupBy("viewer_id", F.floor(F.col("_us") / (60 * _US_PER_S)).alias("_m"))
         .agg(F.count("*").alias("_n"), F.count(F.when(F.col("_buy"), 1)).alias("_b"))
         .filter((F.col("_n") * 2 > ne) | (F.col("_b") > 0))
@@ -341,8 +316,7 @@ def confirm_bots(df: DataFrame, candidates: Sequence[str], rules: CleanRules) ->
 
 def find_bots(typed: DataFrame, rules: CleanRules) -> list[str]:
     """Viewers with > bot_max_events_per_minute events in some 60 s window or
-    > bot_max_purchases_per_hour purchases in some hour: candidates, then confirmation.
-    (The stage narrows the candidate search to `heavy_viewers` first; same result.)"""
+    > bot_max_purchases_per_hour purchases in some hour: candidates, then confirmation."""
     return confirm_bots(typed, bot_candidates(typed, rules), rules)
 
 
@@ -356,33 +330,30 @@ def sliding_max(times_us: Sequence[int], width_us: int) -> int:
     return best
 
 
-def minimise(flagged: DataFrame, heavy: Collection[str] = ()) -> DataFrame:
+def minimise(flagged: DataFrame) -> DataFrame:
     """Pack the row-level reasons into `_flags` and keep only what later steps need.
 
     The frame this returns is what the stage caches, so it is made small here: ip,
     device_id and comment_text are dropped (has_comment/comment_length derived first),
     the raw numeric text is dropped (typed copies stay), and raw_line and the raw
-    event_ts text are kept only on rows with a row-level reason and on the rows of the
-    viewers in `heavy` (those who may be bots, `heavy_viewers`; flagged `_heavy`): the
-    only rows that can be quarantined, where they are stored. The reasons
+    event_ts text are kept only on rows with a row-level reason, the only place they
+    are stored (a bot's otherwise valid rows get theirs from `bot_lines`). The reasons
     become one int bit mask (bit i = REASONS[i]; 0 = no reason): Spark's columnar cache
     costs per column, and 13 boolean columns measured slower to cache than the whole
     rest of the row. `_us` and `_parsed` stay for the bot rule, which `with_bots`
     applies on top.
     """
     flags = " + ".join(f"CASE WHEN _r_{code} THEN {1 << i} ELSE 0 END" for i, code in enumerate(REASONS) if code != "bot")
-    # the IN list of heavy viewers is analysed once here, not once per use (thousands of ids)
-    with_heavy = flagged.withColumn("_heavy", F.expr(f"coalesce({in_sql('viewer_id', heavy)}, false)" if heavy else "false"))
-    return with_heavy.selectExpr(  # SQL text: one py4j call instead of one per Column (see reason_conditions)
+    return flagged.selectExpr(  # SQL text: one py4j call instead of one per Column (see reason_conditions)
         "event_id", "viewer_id", "session_id", "stream_id", "host_id", "product_id", "event_type", "app_version",
-        "source_file", "line_number", "_ts", "_us", "_parsed", "_heavy", "_dwell_ms", "_price_paid", "_quantity",
+        "source_file", "line_number", "_ts", "_us", "_parsed", "_dwell_ms", "_price_paid", "_quantity",
         # UTC calendar date from epoch microseconds: independent of spark.sql.session.timeZone
         f"date_from_unix_date(CAST(floor(_us / {86_400 * _US_PER_S}) AS INT)) AS event_date",
         "comment_text IS NOT NULL AND length(comment_text) > 0 AS has_comment",
         "CAST(coalesce(length(comment_text), 0) AS INT) AS comment_length",
         f"0 + {flags} AS _flags",
-        "CASE WHEN _bad OR _heavy THEN raw_line END AS raw_line",
-        "CASE WHEN _bad OR _heavy THEN event_ts END AS event_ts",
+        "CASE WHEN _bad THEN raw_line END AS raw_line",
+        "CASE WHEN _bad THEN event_ts END AS event_ts",
     )
 
 
@@ -396,7 +367,21 @@ def with_bots(minimised: DataFrame, bot_viewers: Sequence[str]) -> DataFrame:
 
 def apply_bots(flagged: DataFrame, bot_viewers: Sequence[str]) -> DataFrame:
     """`minimise` then `with_bots`: the labelled-to-be frame when the bots are already known."""
-    return with_bots(minimise(flagged, bot_viewers), bot_viewers)
+    return with_bots(minimise(flagged), bot_viewers)
+
+
+def bot_lines(bronze: DataFrame, bot_viewers: Sequence[str]) -> DataFrame | None:
+    """The raw line and raw event_ts text of every parsed bronze row of the bot viewers.
+
+    `minimise` keeps the raw text only of rows with a row-level reason, so the cached
+    frame can be built (and the bot rule run over it) in one scan of bronze; the few bot
+    rows fetch theirs here, during the quarantine write. None when there are no bots:
+    then there is nothing to fetch and no extra scan.
+    """
+    if not bot_viewers:
+        return None
+    return bronze.filter(F.coalesce(F.col("parse_ok"), F.lit(False)) & in_set("viewer_id", bot_viewers)).select(
+        "source_file", "line_number", F.col("raw_line").alias("_bot_raw_line"), F.col("event_ts").alias("_bot_event_ts"))
 
 
 def has_reason(code: str) -> str:
@@ -479,9 +464,21 @@ def to_silver(labelled: DataFrame, run_id: str, day: dt.date) -> DataFrame:
     )
 
 
-def to_quarantine(labelled: DataFrame, run_id: str, day: dt.date, quarantined_at: dt.datetime) -> DataFrame:
-    """The rejected rows with their raw line, the raw event_ts text and every reason, sorted."""
-    return labelled.filter(F.col("outcome") == _OUTCOME_QUARANTINE).select(
+def to_quarantine(labelled: DataFrame, run_id: str, day: dt.date, quarantined_at: dt.datetime,
+                  bot_raw: DataFrame | None = None) -> DataFrame:
+    """The rejected rows with their raw line, the raw event_ts text and every reason, sorted.
+
+    `bot_raw` (`bot_lines`) supplies the raw text of the rows whose only reason is `bot`,
+    matched on their position in the landing file (source_file, line_number).
+    """
+    rejected = labelled.filter(F.col("outcome") == _OUTCOME_QUARANTINE)
+    if bot_raw is not None:
+        fetched = F.col("raw_line").isNull()  # no row-level reason: only `bot` put it here
+        rejected = rejected.join(F.broadcast(bot_raw), ["source_file", "line_number"], "left").withColumns({
+            "event_ts": F.when(fetched, F.col("_bot_event_ts")).otherwise(F.col("event_ts")),
+            "raw_line": F.when(fetched, F.col("_bot_raw_line")).otherwise(F.col("raw_line")),
+        })
+    return rejected.select(
         "raw_line", "source_file", "line_number", "event_id", "viewer_id", "event_type", "event_ts", "reasons",
         F.lit(run_id).alias("clean_run_id"),
         F.lit(quarantined_at).cast("timestamp").alias("quarantined_at"),
@@ -616,10 +613,8 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
             run.read(SILVER, silver_v)
             prior_ids = _prior_ids(silver_t, silver_v, day, rules)
 
-        with phases("heavy"):
-            heavy = heavy_viewers(bronze, rules)
         typed = type_events(bronze)
-        minimised = materialise(minimise(row_reasons(typed, day, rules, product_ids, stream_ids), heavy))
+        minimised = materialise(minimise(row_reasons(typed, day, rules, product_ids, stream_ids)))
         cached.append(minimised)
         with phases("reasons"):  # the first job over the frame materialises it
             candidates = bot_candidates(minimised, rules)
@@ -631,7 +626,7 @@ def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:
         labelled = label(marked, dups)
         run_id = ctx.run_id
         silver = to_silver(labelled, run_id, day)
-        quarantine = to_quarantine(labelled, run_id, day, dt.datetime.now(dt.UTC))
+        quarantine = to_quarantine(labelled, run_id, day, dt.datetime.now(dt.UTC), bot_lines(bronze, bots))
         # Write, audit, publish: once the counts conserve, both tables' files are written
         # (staged, invisible) while GX checks the day summary and the silver frame; they
         # are committed only if every check passed, otherwise deleted. Each table is
