@@ -5,7 +5,7 @@ pages from the kernel and unmaps them on free, so each such tensor costs one pag
 per 4 KiB page on first touch, every batch. A scoring batch of 2,048 viewers allocates
 feed-forward activations of up to 52 MiB ([2048, 50, 256] bf16). Keeping freed memory in
 malloc's heap made one process score 80,000 viewers in 13.7 s instead of 15.7 s (median
-of 3, two rounds; README). PyTorch's CPU performance guide suggests jemalloc or tcmalloc
+of 3, two rounds; docs/performance.md). PyTorch's CPU performance guide suggests jemalloc or tcmalloc
 for the same reason; two `mallopt` calls need neither.
 
 The price is that a process keeps its peak heap until it exits, which suits the

@@ -666,7 +666,7 @@ def _audit(ctx: Context, day: dt.date, run: StageRun, phases: PhaseTimer, labell
     `start_writes` is called once the counts conserve, before GX runs: GX checks the day
     summary while the staged writes use the cores, then `silver()`: the staged silver
     files, the rows about to be published (reading their needed columns costs less than
-    recomputing the frame for each GX job; see README).
+    recomputing the frame for each GX job; see docs/performance.md).
     """
     from streamrank.quality import Check, record_and_gate, validate_all
 

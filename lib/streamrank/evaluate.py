@@ -624,7 +624,7 @@ def category_affinity_factors(h: Holdout, counts: np.ndarray, product_category: 
     Score of product p for a viewer = log1p(carts + purchases of p) + AFFINITY_WEIGHT x the
     viewer's weighted share of history events in p's category. Why this baseline: on the
     synthetic week, popularity plus category affinity alone reaches the attention model's
-    NDCG (README, "The model's inputs"), so a challenger that cannot beat it has learned
+    NDCG (docs/model-quality.md), so a challenger that cannot beat it has learned
     nothing a two-line rule does not know. The weights are fixed, not fitted on the holdout.
     """
     n_ids = counts.shape[0]

@@ -791,7 +791,7 @@ def score_files(spark: SparkSession, files: Sequence[str], since: dt.datetime, b
     since `since`, sorts them by (hist_len, viewer_id) and scores them. Reading through
     Spark instead cost the JVM a quarter of the CPU on a 2-core machine: decoding the list
     columns, shuffling them to spread one file over the cores, sorting, and converting
-    them to Arrow for Python (README, "Where scoring's time goes").
+    them to Arrow for Python (docs/performance.md, "Where scoring's time goes").
     """
     slots = max(1, spark.sparkContext.defaultParallelism)
     tasks = split_tasks(row_groups(sorted(files)), slots, TASK_ROWS)

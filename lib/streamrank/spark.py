@@ -90,7 +90,7 @@ def build_session(cfg: Config, app_name: str | None = None) -> SparkSession:
         .config("spark.sql.adaptive.enabled", "true")
         # The throughput collector: a nightly batch cares for total time, not pause length.
         # Measured against G1 (Java 17's default) on 2 cores: the quick bench nightly 3-10 %
-        # faster in 4 of 4 pairs, a scale-1 clean 3 % (README, "make bench"). It only takes
+        # faster in 4 of 4 pairs, a scale-1 clean 3 % (docs/performance.md). It only takes
         # effect where this process starts the JVM (not under spark-submit, which starts it first).
         .config("spark.driver.extraJavaOptions", "-Dlog4j2.level=ERROR -XX:+UseParallelGC")
         .config("spark.executorEnv.PYSPARK_PYTHON", os.environ["PYSPARK_PYTHON"])
