@@ -396,7 +396,7 @@ class LoadedModel:
 def download_model(ref: ModelRef, dst: str) -> LoadedModel:
     """Download a version's artifacts once and load its pyfunc (sys.path restored afterwards).
 
-    Loading through mlflow.pyfunc runs the deployed code path (unpickling, load_context,
+    Loading through mlflow.pyfunc runs the deployed code path (the logged model code, load_context,
     calibrator) so a model that scores here also loads where it is served.
     """
     import mlflow

@@ -282,8 +282,9 @@ def log_model(artifact_dir: str, vocab_path: str, input_example: pd.DataFrame | 
               registered_model_name: str | None = None, calibrator_path: str | None = None):
     """Log the trained model in ``artifact_dir`` as an MLflow pyfunc (and register it if named).
 
-    Uses the active run when there is one. The streamrank package travels in ``code_paths`` so
-    the model loads anywhere MLflow and torch are installed. Returns MLflow's ModelInfo.
+    Uses the active run when there is one. The model is logged as code (`streamrank.pyfunc_entry`,
+    nothing pickled) and the streamrank package travels in ``code_paths``, so the model loads
+    anywhere MLflow and torch are installed. Returns MLflow's ModelInfo.
     """
     arts = _artifacts(artifact_dir, vocab_path, calibrator_path)
     if input_example is None:
@@ -295,7 +296,7 @@ def log_model(artifact_dir: str, vocab_path: str, input_example: pd.DataFrame | 
     signature = model_signature(input_example, arts)
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=StreamRankPyfunc(),
+        python_model=os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyfunc_entry.py"),
         artifacts=arts,
         signature=signature,
         input_example=input_example,

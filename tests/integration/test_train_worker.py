@@ -366,7 +366,8 @@ def test_pyfunc_registers_and_loads_in_fresh_process(data, trained, tmp_path):
         bare = model.predict(df.drop(columns=["hist_host", "hist_hour", "cand_host", "cand_hour"]))
         print(json.dumps({{**out.to_dict(orient="list"), "bare_score": bare["score"].tolist()}}))
     """)
-    env = {**os.environ, "PYTHONPATH": ""}
+    # The model is logged as code: it must load where MLflow refuses to unpickle anything.
+    env = {**os.environ, "PYTHONPATH": "", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
