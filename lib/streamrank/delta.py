@@ -462,12 +462,6 @@ class DeltaTable:
             return []
         return deltalake.DeltaTable(self.uri).history(limit)
 
-    def txn_version(self, app_id: str) -> int | None:
-        """Last version recorded for an idempotent-writer app id (Delta `txn` action)."""
-        if not self.exists():
-            return None
-        return deltalake.DeltaTable(self.uri).transaction_version(app_id)
-
     # -- writes --------------------------------------------------------------------
     def append(self, df: DataFrame, *, evolve: bool = False, commit_info: Mapping[str, Any] | None = None,
                txn: tuple[str, int] | None = None) -> CommitResult:

@@ -126,7 +126,6 @@ AFFINITY_EVENT_WEIGHTS: dict[str, float] = {"view_product": 1.0, "click_product"
 AFFINITY_OTHER_WEIGHT = 0.3
 #: pop_category: score = log1p(popularity) + AFFINITY_WEIGHT * the viewer's share of the candidate's category.
 AFFINITY_WEIGHT = 3.0
-CANDIDATES = ("challenger", "champion", "most_popular", "pop_category", "als")
 #: The rows evaluate scores: the validation day's viewers that training never looked at.
 HOLDOUT_SPLIT = "test"
 PREFIX = {"challenger": "", "champion": "champion_", "most_popular": "most_popular_",

@@ -37,7 +37,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -584,9 +584,3 @@ def run_benchmark(ctx: Context, args: argparse.Namespace) -> int:
                          seed=args.seed, patience=args.patience)
     print(json.dumps(line), flush=True)
     return 0
-
-
-def as_mapping(result: ImportResult) -> Mapping[str, Any]:
-    """The import result as a plain dict (for reports and tests)."""
-    return {"dataset": result.dataset, "rows_read": result.rows_read, "rows_imported": result.rows_imported,
-            "rows_rejected": result.rows_rejected, "rejected": dict(result.rejected), "reject_file": result.reject_file}

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from streamrank.model import (
+    CONTEXT_KEYS,
     FIRST_REAL_ID,
     PAD_ID,
     UNK_ID,
@@ -37,7 +38,7 @@ from streamrank.model import (
 
 INPUT_COLUMNS = ("viewer_id", "hist_product", "hist_event", "hist_dwell_ms", "hist_dt_hours", "pp_features",
                  "candidates")
-CONTEXT_COLUMNS = ("hist_host", "hist_hour", "cand_host", "cand_hour")
+CONTEXT_COLUMNS = CONTEXT_KEYS  # the optional inputs are the model's stream-context batch keys
 OUTPUT_COLUMNS = ("viewer_id", "product_id", "score", "purchase_prob", "intent_score")
 PREDICT_BATCH = 256
 

@@ -61,7 +61,3 @@ def all_table_names() -> list[str]:
         with open(path, encoding="utf-8") as fh:
             names.append(json.load(fh)["table"])
     return names
-
-
-def expectation_suite_path(name: str) -> Path:
-    return SCHEMA_DIR / "expectations" / f"{name}.json"

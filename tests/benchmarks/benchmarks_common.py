@@ -13,8 +13,6 @@ from typing import TypeVar
 from streamrank.config import load_config
 from streamrank.spark import build_session
 
-COLUMNS = ("name", "ours_s", "reference", "reference_s", "ratio", "target", "ok")
-
 A = TypeVar("A")
 B = TypeVar("B")
 
