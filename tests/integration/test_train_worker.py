@@ -338,7 +338,7 @@ def test_nan_in_distributed_child_maps_to_non_finite_loss_error(data, tmp_path, 
 def test_pyfunc_registers_and_loads_in_fresh_process(data, trained, tmp_path):
     import mlflow
 
-    from streamrank.pyfunc_model import build_input_example, log_model
+    from streamrank.pyfunc_model import CONTEXT_COLUMNS, build_input_example, log_model
 
     db = tmp_path / "mlflow.db"
     mlflow.set_tracking_uri("sqlite:///" + str(db))
@@ -363,7 +363,7 @@ def test_pyfunc_registers_and_loads_in_fresh_process(data, trained, tmp_path):
         model = mlflow.pyfunc.load_model("models:/streamrank-test/1")
         df = pd.read_json({str(example_path)!r}, orient="records")
         out = model.predict(df)
-        bare = model.predict(df.drop(columns=["hist_host", "hist_hour", "cand_host", "cand_hour"]))
+        bare = model.predict(df.drop(columns={list(CONTEXT_COLUMNS)!r}))
         print(json.dumps({{**out.to_dict(orient="list"), "bare_score": bare["score"].tolist()}}))
     """)
     # The model is logged as code: it must load where MLflow refuses to unpickle anything.
