@@ -1,20 +1,64 @@
-"""Example Airflow DAG: one SparkSubmitOperator per streamrank stage.
+"""Example Airflow DAG: one spark-submit task per streamrank stage, for the run's logical date.
 
 Copy to your Airflow dags/ folder and set the `spark_default` connection to your cluster.
-Each task runs the same jobs/*.py entry point the CLI uses, for the logical date of the
-run ({{ ds }}). A promotion gate that says no exits 4: that task is marked skipped
-(skip_on_exit_code) and scoring still runs with the current champion.
+Each task runs the same jobs/*.py entry point the CLI uses, in client deploy mode: there
+the exit code of spark-submit is the driver's, and the tasks act on it as
+`streamrank nightly` does on the exceptions behind it (DESIGN section 6):
+
+- promote exits 4 when the gate says no: the task is skipped and scoring still runs with
+  the current champion;
+- train exits 5 on a new warehouse's first nights (too little history): it is skipped,
+  and so are evaluate and promote;
+- score exits 5 while no model holds the champion alias: skipped, nothing is published;
+- report always runs once the data stages succeeded; any other non-zero exit fails its
+  task, and Airflow's retry re-runs that stage (every stage is idempotent).
+
+Where things are, read when the DAG file is parsed: STREAMRANK_HOME (the checkout with
+its .venv, default /opt/streamrank), STREAMRANK_CONF (default conf/cluster.yaml there)
+and STREAMRANK_SPARK_PACKAGES (Maven coordinates for --packages, default delta-spark;
+set it empty where the Delta jars are already on the classpath or delta.engine is rs).
 """
 
+from __future__ import annotations
+
+import os
 from datetime import datetime, timedelta
+from typing import Any
 
 from airflow import DAG
+from airflow.exceptions import AirflowException, AirflowSkipException
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
-REPO = "/opt/streamrank"
-CONF = f"{REPO}/conf/cluster.yaml"
-DELTA = "io.delta:delta-spark_2.13:4.0.1"
+REPO = os.environ.get("STREAMRANK_HOME", "/opt/streamrank")
+CONF = os.environ.get("STREAMRANK_CONF", f"{REPO}/conf/cluster.yaml")
+PACKAGES = os.environ.get("STREAMRANK_SPARK_PACKAGES", "io.delta:delta-spark_2.13:4.0.1") or None
 STAGES = ["ingest", "clean", "features", "train", "evaluate", "promote", "score", "report"]
+#: stage -> exit codes that mean "nothing to do tonight" rather than a failure (see above)
+SKIP_ON = {"train": (5,), "promote": (4,), "score": (5,)}
+#: stages that run although an upstream task was skipped (not failed)
+AFTER_SKIPS = {"score", "report"}
+
+
+class StageSubmit(SparkSubmitOperator):
+    """spark-submit of one stage; an exit code in `skip_exit_codes` marks the task skipped.
+
+    SparkSubmitOperator fails on every non-zero exit and has no skip option, so the exit
+    code is read from the spark-submit process the hook ran.
+    """
+
+    def __init__(self, *, skip_exit_codes: tuple[int, ...] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.skip_exit_codes = tuple(skip_exit_codes)
+
+    def execute(self, context: Any) -> None:
+        try:
+            super().execute(context)
+        except AirflowException:
+            code = getattr(getattr(self._hook, "_submit_sp", None), "returncode", None)
+            if code in self.skip_exit_codes:
+                raise AirflowSkipException(f"{self.task_id} exited {code}: nothing to do tonight (see the log)") from None
+            raise
+
 
 with DAG(
     dag_id="streamrank_nightly",
@@ -26,15 +70,17 @@ with DAG(
 ) as dag:
     previous = None
     for stage in STAGES:
-        task = SparkSubmitOperator(
+        task = StageSubmit(
             task_id=stage,
             application=f"{REPO}/jobs/{stage}.py",
             application_args=["--conf", CONF, "--date", "{{ ds }}"],
-            packages=DELTA,
+            packages=PACKAGES,
             conn_id="spark_default",
-            conf={"spark.executorEnv.PYSPARK_PYTHON": f"{REPO}/.venv/bin/python"},
-            skip_on_exit_code=4 if stage == "promote" else None,
-            trigger_rule="none_failed" if stage == "score" else "all_success",
+            deploy_mode="client",  # in cluster mode spark-submit's exit code is not the driver's
+            conf={"spark.executorEnv.PYSPARK_PYTHON": f"{REPO}/.venv/bin/python",
+                  "spark.pyspark.driver.python": f"{REPO}/.venv/bin/python"},
+            skip_exit_codes=SKIP_ON.get(stage, ()),
+            trigger_rule="none_failed" if stage in AFTER_SKIPS else "all_success",
         )
         if previous is not None:
             previous >> task
