@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,7 @@ from streamrank.schemas import all_table_names
 D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
 D4 = D3 + dt.timedelta(days=1)
 CLI = [sys.executable, "-m", "streamrank.cli"]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def settings(cfg) -> list[str]:
@@ -207,6 +209,30 @@ def test_report_renders_with_images_in_headless_chromium(world, tmp_path):
     assert 'data-images-ok="true"' in proc.stdout, proc.stdout[:2000]
     assert f'data-images="{len(pngs)}"' in proc.stdout
     assert "Quarantine" in proc.stdout and "Rows per layer and day" in proc.stdout
+
+
+@pytest.mark.parametrize("job, args, code, says", [
+    ("sql", ["SELECT count(*) AS n FROM silver_viewer_events"], 0, None),
+    ("clean", ["--date", str(D4)], 5, f"bronze/viewer_events has no rows for ingest_date={D4}"),
+    ("promote", ["--version", "0"], 2, "--version must be a registered version number >= 1"),
+])
+def test_spark_submit_entry_points_pass_exit_codes_through(world, job, args, code, says):
+    """What a scheduler runs: `spark-submit jobs/<stage>.py`, whose exit code it acts on
+    (deploy/airflow: promote's 4 is a skip, anything else non-zero a failure)."""
+    wh, cfg = world["wh"], world["cfg"]
+    submit = Path(sys.executable).parent / "spark-submit"
+    before = versions(wh)
+    proc = subprocess.run([submit, "--master", "local[2]", f"jobs/{job}.py", *args, *settings(cfg)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable})
+    assert proc.returncode == code, proc.stderr[-3000:]
+    if says is None:
+        lines = proc.stdout.splitlines()
+        assert lines[0].strip() == "n" and lines[2].strip() == str(wh.table("silver/viewer_events").read().count())
+    else:
+        # spark-submit's PythonRunner sends the Python driver's stderr to its own stdout
+        assert f"streamrank {job}: error: {says}" in proc.stdout
+    assert {k: v for k, v in versions(wh).items() if k != "ops/job_runs"} == {k: v for k, v in before.items() if k != "ops/job_runs"}
 
 
 def test_sql_views_latest_and_older_version(world, capsys, tmp_path):
