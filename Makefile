@@ -43,7 +43,7 @@ bench: install
 	$(PY) tests/benchmarks/run_all.py --quick $(QUICK)
 
 lint: install
-	$(VENV)/bin/ruff check lib jobs tests tools setup.py
+	$(VENV)/bin/ruff check lib jobs tests tools deploy setup.py
 
 clean:
 	rm -rf warehouse landing spark-warehouse metastore_db derby.log
