@@ -95,24 +95,53 @@ def build_session(cfg: Config, app_name: str | None = None) -> SparkSession:
         .config("spark.driver.extraJavaOptions", "-Dlog4j2.level=ERROR -XX:+UseParallelGC")
         .config("spark.executorEnv.PYSPARK_PYTHON", os.environ["PYSPARK_PYTHON"])
     )
+    extra = {key: str(value) for key, value in (cfg["spark.extra"] or {}).items()}
     if engine == "spark":
-        from delta import configure_spark_with_delta_pip
+        settings = delta_settings(cfg, local_delta_jars())
+        for key, value in settings.items():
+            builder = builder.config(key, value)
+        if "spark.jars" not in settings and "spark.jars.packages" not in settings:
+            from delta import configure_spark_with_delta_pip
 
-        builder = builder.config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension").config(
-            "spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog"
-        )
-        jars = local_delta_jars()
-        if jars:
-            builder = builder.config("spark.jars", ",".join(jars))
-        else:
-            builder = configure_spark_with_delta_pip(builder)
-    for key, value in (cfg["spark.extra"] or {}).items():
-        builder = builder.config(key, str(value))
+            # delta.packages empty: the coordinates of the installed delta-spark, plus the user's
+            builder = configure_spark_with_delta_pip(builder, _split(extra.pop("spark.jars.packages", "")))
+        elif "spark.jars.packages" in settings:
+            extra.pop("spark.jars.packages", None)  # already joined with Delta's
+    for key, value in extra.items():
+        builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(cfg["spark.log_level"])
     if engine == "spark" and not delta_classes_loaded(spark):
         raise ConfigError("delta.engine=spark but io.delta classes do not load; set delta.engine=rs or auto")
     return spark
+
+
+def delta_settings(cfg: Config, jars: Iterable[str] = ()) -> dict[str, str]:
+    """Session settings of the `spark` engine: Delta's SQL extension and catalog, and its jars.
+
+    Jars already on this machine (`local_delta_jars`) are used as they are. Otherwise
+    `delta.packages` (Maven coordinates) becomes spark.jars.packages, joined with any
+    packages the conf's spark.extra asks for, so that setting one never drops the other.
+    An empty `delta.packages` leaves the coordinates to delta-spark's own
+    `configure_spark_with_delta_pip` (the installed pip package's version). Under
+    spark-submit the JVM is up before this runs, so there pass `--packages` instead.
+    """
+    settings = {
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+    }
+    jars = list(jars)
+    if jars:
+        settings["spark.jars"] = ",".join(jars)
+    elif cfg["delta.packages"]:
+        extra = str((cfg["spark.extra"] or {}).get("spark.jars.packages", ""))
+        settings["spark.jars.packages"] = ",".join(dict.fromkeys([*_split(cfg["delta.packages"]), *_split(extra)]))
+    return settings
+
+
+def _split(packages: str) -> list[str]:
+    """Comma-separated Maven coordinates as a list, blanks dropped."""
+    return [p.strip() for p in str(packages).split(",") if p.strip()]
 
 
 def delta_classes_loaded(spark: SparkSession) -> bool:

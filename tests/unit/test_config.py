@@ -79,3 +79,30 @@ def test_cli_malformed_date_exit_2(capsys):
         main(["generate", "--start", "2026-13-01"])
     assert exit_.value.code == 2
     assert "'2026-13-01' is not a valid calendar date" in capsys.readouterr().err
+
+
+def test_delta_packages_reach_the_session_settings():
+    from streamrank.spark import delta_settings
+
+    cfg = load_config(None, env={})
+    assert delta_settings(cfg)["spark.jars.packages"] == cfg["delta.packages"]
+    pinned = load_config(None, ["delta.packages=io.delta:delta-spark_2.13:4.0.0"], env={})
+    assert delta_settings(pinned)["spark.jars.packages"] == "io.delta:delta-spark_2.13:4.0.0"
+    # the user's own packages in spark.extra are kept beside Delta's, not overwritten by them
+    both = load_config(None, ["spark.extra={\"spark.jars.packages\": \"org.example:x_2.13:1.0\"}"], env={})
+    assert delta_settings(both)["spark.jars.packages"] == f"{cfg['delta.packages']},org.example:x_2.13:1.0"
+    # jars already on the machine win, and need no Maven
+    local = delta_settings(cfg, ["/j/delta-spark_2.13-4.0.1.jar", "/j/delta-storage-4.0.1.jar"])
+    assert local["spark.jars"] == "/j/delta-spark_2.13-4.0.1.jar,/j/delta-storage-4.0.1.jar"
+    assert "spark.jars.packages" not in local
+    # empty: delta-spark's own configure_spark_with_delta_pip picks the coordinates
+    assert "spark.jars.packages" not in delta_settings(load_config(None, ["delta.packages="], env={}))
+    assert delta_settings(cfg)["spark.sql.extensions"] == "io.delta.sql.DeltaSparkSessionExtension"
+
+
+@pytest.mark.parametrize("conf", [None, "conf/cluster.yaml"])
+def test_delta_packages_match_the_installed_delta_spark(conf):
+    """The JVM jars and the Python API come from the same delta-spark release."""
+    from importlib.metadata import version
+
+    assert load_config(conf, env={})["delta.packages"].rsplit(":", 1)[1] == version("delta-spark")
