@@ -334,11 +334,11 @@ def slot_summaries(events: DataFrame, params: FeatureParams) -> DataFrame:
             F.sum(F.when(et == "view_product", F.coalesce("dwell_ms", F.lit(0))).otherwise(0)).cast("long").alias("watch_ms"),
             F.sum(F.coalesce("dwell_ms", F.lit(0))).cast("long").alias("dwell_ms"),
             count_if(is_buy).alias("purchases"),
-            F.sum(F.when(is_buy, F.coalesce("price_paid", F.lit(0.0))).otherwise(0.0)).alias("spend"),
+            _money_sum(F.when(is_buy, F.col("price_paid"))).alias("spend"),
             F.sum(F.when(is_buy, F.coalesce("quantity", F.lit(1))).otherwise(0)).cast("long").alias("units"),
             F.max(F.when(is_buy, F.col("ts_us"))).alias("last_buy_us"),
             F.max("ts_us").alias("last_us"),
-            F.sum(F.when(priced, F.col("list_price")).otherwise(0.0)).alias("seen_price_sum"),
+            _money_sum(F.when(priced, F.col("list_price"))).alias("seen_price_sum"),
             count_if(priced).alias("seen_price_n"),
             count_if(F.col("has_product")).alias("n_hist"),
             F.sort_array(F.collect_list(F.when(F.col("has_product"), hist_item))).alias("seq_all"),
@@ -348,6 +348,17 @@ def slot_summaries(events: DataFrame, params: FeatureParams) -> DataFrame:
         .withColumn("seq", _last(F.col("seq_all"), params.seq_len))
         .drop("seq_all")
     )
+
+
+#: money is summed as a decimal: a sum of doubles depends on the order of its terms, and the
+#: order of rows in a table's files is not part of its content (compaction changes it), so a
+#: re-run would otherwise differ in the last digit (245.36999999999998 against 245.37)
+MONEY = "decimal(38,6)"
+
+
+def _money_sum(amounts: Column) -> Column:
+    """Exact, order-independent sum of money amounts (nulls skipped; 0 when there are none)."""
+    return F.coalesce(F.sum(amounts.try_cast(MONEY)), F.lit(0).cast(MONEY))
 
 
 def cutoff_states(slots: DataFrame, cutoffs_us: list[int], params: FeatureParams) -> DataFrame:
