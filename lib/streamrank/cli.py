@@ -148,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="skip the gate (needs --version N and --reason TEXT)")
     p.add_argument("--reason", metavar="TEXT", help="why the gate is skipped; tagged on the version with who forced it")
 
+    p = add("maintain", _stage("maintain"),
+            "compact small files and vacuum what no snapshot within the retention needs, for every table")
+    p.add_argument("--retention-hours", type=float, metavar="H",
+                   help="keep files a snapshot of the last H hours needs (default delta.vacuum_retention_hours, 168)")
+    p.add_argument("--no-optimize", action="store_true", help="vacuum only, no compaction")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted; change nothing")
+    p.add_argument("--force", action="store_true", help="allow a retention below 168 hours")
+
     p = add("import-interactions", _stage("loo", "run_import"),
             "load a CSV interaction log (user, item, timestamp) into datasets/interactions; bad rows are reported")
     p.add_argument("--input", required=True, metavar="F.csv", help="CSV file with a header line")

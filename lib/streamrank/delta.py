@@ -563,7 +563,9 @@ class DeltaTable:
         cutoff = time.time() - retention_hours * 3600
         for staging in self.path.glob(STAGING_PREFIX + "*"):
             if staging.is_dir() and staging.stat().st_mtime <= cutoff:
-                removed.append(str(staging))
+                inside = str(staging) + os.sep
+                if not any(p.startswith(inside) for p in removed):  # not listed already file by file
+                    removed.append(str(staging))
                 if not dry_run:
                     shutil.rmtree(staging, ignore_errors=True)
         return removed
@@ -586,15 +588,20 @@ class DeltaTable:
             custom_metadata=_commit_metadata(commit_info, "RESTORE"), max_commit_retries=50))
         return deltalake.DeltaTable(self.uri).version()
 
-    def optimize(self, target_size: int | None = None) -> dict[str, Any]:
-        """Compact small files (bin-packing) in one commit; data and version history are kept."""
+    def optimize(self, target_size: int | None = None, *, commit_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Compact small files (bin-packing) in one commit; data and version history are kept.
+
+        Returns the engine's metrics; both report `numFilesAdded` and `numFilesRemoved`.
+        """
         self._require()
         if self.engine == "spark":
             from delta.tables import DeltaTable as SparkDeltaTable
 
-            SparkDeltaTable.forPath(self.spark, self.uri).optimize().executeCompaction()
-            return {"version": self.version()}
-        return deltalake.DeltaTable(self.uri).optimize.compact(target_size=target_size)
+            metrics = SparkDeltaTable.forPath(self.spark, self.uri).optimize().executeCompaction().first()["metrics"]
+            return {"numFilesAdded": metrics["numFilesAdded"], "numFilesRemoved": metrics["numFilesRemoved"],
+                    "version": self.version()}
+        return deltalake.DeltaTable(self.uri).optimize.compact(target_size=target_size, commit_properties=CommitProperties(
+            custom_metadata=_commit_metadata(commit_info, "OPTIMIZE"), max_commit_retries=50))
 
     # -- internals ----------------------------------------------------------------------
     def _write(self, df: DataFrame, mode: str, where: Where | None, evolve: bool,
