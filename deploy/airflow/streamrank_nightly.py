@@ -1,4 +1,5 @@
-"""Example Airflow DAG: one spark-submit task per streamrank stage, for the run's logical date.
+"""Example Airflow DAGs: one spark-submit task per streamrank stage, for the run's logical
+date (streamrank_nightly), and the weekly warehouse upkeep (streamrank_maintain).
 
 Copy to your Airflow dags/ folder and set the `spark_default` connection to your cluster.
 Each task runs the same jobs/*.py entry point the CLI uses, in client deploy mode: there
@@ -85,3 +86,22 @@ with DAG(
         if previous is not None:
             previous >> task
         previous = task
+
+with DAG(
+    dag_id="streamrank_maintain",
+    start_date=datetime(2026, 11, 1),
+    schedule="0 6 * * 0",  # Sundays 06:00 UTC, well after the night's run; it waits for no lock, a held one fails it
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=30)},
+) as maintain_dag:
+    StageSubmit(
+        task_id="maintain",
+        application=f"{REPO}/jobs/maintain.py",
+        application_args=["--conf", CONF],  # compaction, then vacuum at delta.vacuum_retention_hours
+        packages=PACKAGES,
+        conn_id="spark_default",
+        deploy_mode="client",
+        conf={"spark.executorEnv.PYSPARK_PYTHON": f"{REPO}/.venv/bin/python",
+              "spark.pyspark.driver.python": f"{REPO}/.venv/bin/python"},
+    )
