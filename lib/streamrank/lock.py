@@ -33,9 +33,10 @@ def pid_alive(pid: int) -> bool:
 class WarehouseLock:
     """Context manager holding `<warehouse>/_locks/<name>.lock` for the duration of a run."""
 
-    def __init__(self, warehouse: Path, name: str = "nightly", run_id: str = "") -> None:
+    def __init__(self, warehouse: Path, name: str = "nightly", run_id: str = "", command: str | None = None) -> None:
         self.path = warehouse / "_locks" / f"{name}.lock"
         self.run_id = run_id
+        self.command = command or name  # who holds it, for the message another contender gets
         self.token = uuid.uuid4().hex
 
     def holder(self) -> dict | None:
@@ -53,6 +54,7 @@ class WarehouseLock:
         except FileExistsError:
             return False
         info = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id, "token": self.token,
+                "command": self.command,
                 "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         with os.fdopen(fd, "w") as fh:
             json.dump(info, fh)
@@ -72,7 +74,7 @@ class WarehouseLock:
                 continue  # released between our attempts: try again
             if not self._stale(info):
                 raise LockHeldError(
-                    f"another nightly holds {self.path}: pid {info.get('pid')} on {info.get('host')} "
+                    f"another {info.get('command', 'nightly')} holds {self.path}: pid {info.get('pid')} on {info.get('host')} "
                     f"since {info.get('started_at')} (run {info.get('run_id', '?')})"
                 )
             aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")

@@ -75,7 +75,7 @@ def maintain(ctx: Context, retention_hours: float | None = None, *, optimize: bo
     names = tables or all_table_names()
     done: list[TableUpkeep] = []
     failed: dict[str, str] = {}
-    with WarehouseLock(ctx.cfg.warehouse, "nightly", ctx.run_id), \
+    with WarehouseLock(ctx.cfg.warehouse, "nightly", ctx.run_id, command=STAGE), \
             stage_run(ctx, STAGE, dt.datetime.now(dt.UTC).date()) as run:
         for name in names:
             table = ctx.table(name)

@@ -100,6 +100,11 @@ def test_short_retention_needs_force_and_a_held_lock_blocks(ctx, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "streamrank maintain: error: retention 1 h" in err and "pass --force" in err
-    with WarehouseLock(ctx.cfg.warehouse, "nightly", "a-running-nightly"), pytest.raises(LockHeldError):
+    with WarehouseLock(ctx.cfg.warehouse, "nightly", "a-running-nightly"), \
+            pytest.raises(LockHeldError, match="another nightly holds .*run a-running-nightly"):
         maintain(ctx, retention_hours=0, force=True, tables=[TABLE])
+    # and the other way round: a nightly started while maintain runs is told who holds the lock
+    with WarehouseLock(ctx.cfg.warehouse, "nightly", "upkeep", command="maintain"), \
+            pytest.raises(LockHeldError, match="another maintain holds"):
+        WarehouseLock(ctx.cfg.warehouse, "nightly", "a-nightly").acquire()
     assert on_disk(table) == disk
