@@ -78,9 +78,7 @@ def maintain(ctx: Context, retention_hours: float | None = None, *, optimize: bo
     with WarehouseLock(ctx.cfg.warehouse, "nightly", ctx.run_id, command=STAGE), \
             stage_run(ctx, STAGE, dt.datetime.now(dt.UTC).date()) as run:
         for name in names:
-            table = ctx.table(name)
-            if not table.exists():
-                continue
+            table = ctx.table(name)  # the context creates any missing table first
             version = table.version()
             try:
                 done.append(_upkeep(table, name, hours, optimize and not dry_run, dry_run, ctx.run_id))
