@@ -12,7 +12,14 @@ the exit code of spark-submit is the driver's, and the tasks act on it as
   and so are evaluate and promote;
 - score exits 5 while no model holds the champion alias: skipped, nothing is published;
 - report always runs once the data stages succeeded; any other non-zero exit fails its
-  task, and Airflow's retry re-runs that stage (every stage is idempotent).
+  task, and Airflow's retry re-runs that stage (every stage is idempotent), except exit 3:
+  a failed data-quality gate fails at once without retries, as the same data fails the
+  same gate again, and the task log names the data-docs page a person must open.
+
+An exit code alone would skip too much: score also exits 5 when tomorrow's schedule never
+landed, and that must fail loudly. So a task is skipped only when the stage also printed
+the matching `streamrank <stage>: outcome: <name>` line (lib/streamrank/errors.py), which
+the CLI prints for exactly these expected states.
 
 Where things are, read when the DAG file is parsed: STREAMRANK_HOME (the checkout with
 its .venv, default /opt/streamrank), STREAMRANK_CONF (default conf/cluster.yaml there)
@@ -23,41 +30,64 @@ set it empty where the Delta jars are already on the classpath or delta.engine i
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
 from airflow import DAG
-from airflow.exceptions import AirflowException, AirflowSkipException
+from airflow.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
 REPO = os.environ.get("STREAMRANK_HOME", "/opt/streamrank")
 CONF = os.environ.get("STREAMRANK_CONF", f"{REPO}/conf/cluster.yaml")
 PACKAGES = os.environ.get("STREAMRANK_SPARK_PACKAGES", "io.delta:delta-spark_2.13:4.0.1") or None
 STAGES = ["ingest", "clean", "features", "train", "evaluate", "promote", "score", "report"]
-#: stage -> exit codes that mean "nothing to do tonight" rather than a failure (see above)
-SKIP_ON = {"train": (5,), "promote": (4,), "score": (5,)}
+#: stage -> (exit code, outcome) that mean "nothing to do tonight" rather than a failure (see above)
+SKIP_ON = {"train": (5, "insufficient_history"), "promote": (4, "gate_not_passed"), "score": (5, "no_champion")}
+OUTCOME = re.compile(r"^streamrank [\w-]+: outcome: (\w+)")
+#: exit codes that no retry can change: a failed data-quality gate (the same data fails again)
+NO_RETRY = (3,)
 #: stages that run although an upstream task was skipped (not failed)
 AFTER_SKIPS = {"score", "report"}
 
 
 class StageSubmit(SparkSubmitOperator):
-    """spark-submit of one stage; an exit code in `skip_exit_codes` marks the task skipped.
+    """spark-submit of one stage, skipped on the exit code and outcome in `skip_on`.
 
     SparkSubmitOperator fails on every non-zero exit and has no skip option, so the exit
-    code is read from the spark-submit process the hook ran.
+    code is read from the spark-submit process the hook ran, and the outcome line from
+    its output as the hook logs it.
     """
 
-    def __init__(self, *, skip_exit_codes: tuple[int, ...] = (), **kwargs: Any) -> None:
+    def __init__(self, *, skip_on: tuple[int, str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.skip_exit_codes = tuple(skip_exit_codes)
+        self.skip_on = skip_on
+        self.outcome: str | None = None
+
+    def _get_hook(self) -> Any:
+        hook = super()._get_hook()
+        process = hook._process_spark_submit_log
+        hook._process_spark_submit_log = lambda itr: process(self._watch(itr))
+        return hook
+
+    def _watch(self, lines: Iterator[Any]) -> Iterator[Any]:
+        for line in lines:
+            found = OUTCOME.match(str(line).strip())
+            if found:
+                self.outcome = found.group(1)
+            yield line
 
     def execute(self, context: Any) -> None:
         try:
             super().execute(context)
         except AirflowException:
             code = getattr(getattr(self._hook, "_submit_sp", None), "returncode", None)
-            if code in self.skip_exit_codes:
-                raise AirflowSkipException(f"{self.task_id} exited {code}: nothing to do tonight (see the log)") from None
+            if self.skip_on is not None and (code, self.outcome) == self.skip_on:
+                raise AirflowSkipException(f"{self.task_id} exited {code} ({self.outcome}): nothing to do tonight") from None
+            if code in NO_RETRY:
+                raise AirflowFailException(f"{self.task_id} exited {code}: the data-quality gate failed, "
+                                           "see the data-docs page named in the log; not retried") from None
             raise
 
 
@@ -80,7 +110,7 @@ with DAG(
             deploy_mode="client",  # in cluster mode spark-submit's exit code is not the driver's
             conf={"spark.executorEnv.PYSPARK_PYTHON": f"{REPO}/.venv/bin/python",
                   "spark.pyspark.driver.python": f"{REPO}/.venv/bin/python"},
-            skip_exit_codes=SKIP_ON.get(stage, ()),
+            skip_on=SKIP_ON.get(stage),
             trigger_rule="none_failed" if stage in AFTER_SKIPS else "all_success",
         )
         if previous is not None:

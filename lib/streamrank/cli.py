@@ -209,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except StreamrankError as exc:
         print(f"streamrank {args.command}: error: {exc}", file=sys.stderr)
+        if exc.outcome:
+            print(f"streamrank {args.command}: outcome: {exc.outcome} (an expected state, not a failure: "
+                  "`streamrank nightly` goes on past it)", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -108,7 +108,8 @@ def stage_run(ctx: Context, stage: str, run_date: dt.date) -> Iterator[StageRun]
             run.metrics["recovered"] = recovered
         yield run
     except StreamrankError as exc:
-        status, code = "failed", exc.exit_code
+        # an expected state (no champion yet, ...) is recorded as itself, so "failed" rows are the ones to act on
+        status, code = exc.outcome or "failed", exc.exit_code
         run.message = run.message or str(exc).splitlines()[0]
         raise
     except BaseException as exc:

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 
 class StreamrankError(Exception):
-    """Base error; `exit_code` is what the CLI returns for it."""
+    """Base error; `exit_code` is what the CLI returns for it.
+
+    `outcome` names the few errors that are an expected state of a night rather than a
+    failure (`streamrank nightly` goes on past them). An exit code alone cannot say so:
+    score exits 5 both when no champion exists yet (nothing to do) and when tomorrow's
+    schedule never landed (someone must act). The CLI prints the outcome on a line of its
+    own so a scheduler can tell the two apart (deploy/airflow).
+    """
 
     exit_code = 1
+    outcome: str | None = None
 
 
 class UsageError(StreamrankError):
@@ -41,6 +49,7 @@ class ModelGateError(StreamrankError):
     """The challenger did not pass the promotion gate; the champion is unchanged."""
 
     exit_code = 4
+    outcome = "gate_not_passed"
 
 
 class MissingInputError(StreamrankError):
@@ -56,6 +65,10 @@ class SchemaMismatchError(StreamrankError):
 class InsufficientHistoryError(MissingInputError):
     """Too little history to train (a new warehouse's first nights); the nightly goes on."""
 
+    outcome = "insufficient_history"
+
 
 class NoChampionError(MissingInputError):
     """No model holds the `champion` alias yet, so there is nothing to score with."""
+
+    outcome = "no_champion"

@@ -67,15 +67,15 @@ def nightly(ctx: Context, date: dt.date, force: bool = False, from_stage: str | 
                 run_stage(ctx, stage, date)
                 night.metrics[stage] = "ok"
             except ModelGateError as exc:
-                night.metrics[stage] = "gate_not_passed"
+                night.metrics[stage] = exc.outcome
                 print(f"[nightly] promote: {str(exc).splitlines()[0]} - scoring goes on with the current champion")
             except InsufficientHistoryError as exc:
                 # a new warehouse's first nights: nothing to train on yet, the data stages still ran
-                night.metrics[stage] = "insufficient_history"
+                night.metrics[stage] = exc.outcome
                 print(f"[nightly] {stage}: {str(exc).splitlines()[0]} - model stages skipped tonight")
                 skip_model = True
             except NoChampionError as exc:
-                night.metrics[stage] = "no_champion"
+                night.metrics[stage] = exc.outcome
                 print(f"[nightly] {stage}: {str(exc).splitlines()[0]} - nothing published tonight")
             except StreamrankError:
                 night.metrics[stage] = "failed"

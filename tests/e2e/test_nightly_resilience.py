@@ -211,14 +211,19 @@ def test_report_renders_with_images_in_headless_chromium(world, tmp_path):
     assert "Quarantine" in proc.stdout and "Rows per layer and day" in proc.stdout
 
 
-@pytest.mark.parametrize("job, args, code, says", [
-    ("sql", ["SELECT count(*) AS n FROM silver_viewer_events"], 0, None),
-    ("clean", ["--date", str(D4)], 5, f"bronze/viewer_events has no rows for ingest_date={D4}"),
-    ("promote", ["--version", "0"], 2, "--version must be a registered version number >= 1"),
+@pytest.mark.parametrize("job, args, code, says, outcome", [
+    ("sql", ["SELECT count(*) AS n FROM silver_viewer_events"], 0, None, None),
+    ("clean", ["--date", str(D4)], 5, f"bronze/viewer_events has no rows for ingest_date={D4}", None),
+    ("promote", ["--version", "0"], 2, "--version must be a registered version number >= 1", None),
+    # the two faces of score's exit 5: nothing to do yet (skipped), and a schedule that never landed (a failure)
+    ("score", ["--date", str(D3), "--set", "mlflow.model_name=nobody"], 5,
+     "no version of model 'nobody' holds the alias 'champion'", "no_champion"),
+    ("score", ["--date", str(D4)], 5, f"bronze/stream_products has no rows for snapshot_date {D4 + dt.timedelta(days=1)}", None),
 ])
-def test_spark_submit_entry_points_pass_exit_codes_through(world, job, args, code, says):
-    """What a scheduler runs: `spark-submit jobs/<stage>.py`, whose exit code it acts on
-    (deploy/airflow: promote's 4 is a skip, anything else non-zero a failure)."""
+def test_spark_submit_entry_points_pass_exit_codes_through(world, job, args, code, says, outcome):
+    """What a scheduler runs: `spark-submit jobs/<stage>.py`, whose exit code and outcome
+    line it acts on (deploy/airflow skips a task only on both: score's 5 with `no_champion`,
+    never its 5 for a missing schedule)."""
     wh, cfg = world["wh"], world["cfg"]
     submit = Path(sys.executable).parent / "spark-submit"
     before = versions(wh)
@@ -232,6 +237,9 @@ def test_spark_submit_entry_points_pass_exit_codes_through(world, job, args, cod
     else:
         # spark-submit's PythonRunner sends the Python driver's stderr to its own stdout
         assert f"streamrank {job}: error: {says}" in proc.stdout
+    outcomes = [line for line in proc.stdout.splitlines() if line.startswith(f"streamrank {job}: outcome: ")]
+    assert outcomes == ([f"streamrank {job}: outcome: {outcome} (an expected state, not a failure: "
+                         "`streamrank nightly` goes on past it)"] if outcome else [])
     assert {k: v for k, v in versions(wh).items() if k != "ops/job_runs"} == {k: v for k, v in before.items() if k != "ops/job_runs"}
 
 

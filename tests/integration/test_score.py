@@ -401,6 +401,9 @@ def test_missing_schedule_is_exit_5(world, capsys):
     err = capsys.readouterr().err
     assert code == 5, err
     assert "bronze/stream_products" in err and f"stream_products_{D1 + dt.timedelta(days=1)}.csv" in err
+    assert "outcome:" not in err  # someone must act: a scheduler must not take it for "nothing to do"
+    last = max(world["ctx"].table("ops/job_runs").to_arrow().to_pylist(), key=lambda r: r["started_at"])
+    assert (last["stage"], last["status"], last["exit_code"]) == ("score", "failed", 5)
     assert not world["ctx"].table("gold/user_product_rankings").read().filter(
         F.col("score_date") == F.lit(D1 + dt.timedelta(days=1))).count()
 
@@ -411,8 +414,11 @@ def test_no_champion_is_exit_5(spark, base_conf, tmp_path, capsys):
     code = cli_main(["score", "--date", str(D), "--set", f"warehouse.root={tmp_path / 'warehouse'}"])
     err = capsys.readouterr().err
     assert code == 5 and "champion" in err, err
+    assert "streamrank score: outcome: no_champion (an expected state" in err
     with pytest.raises(NoChampionError):
         score(Context(conf), D)
+    runs = Context(conf).table("ops/job_runs").to_arrow().to_pylist()
+    assert [(r["stage"], r["status"], r["exit_code"]) for r in runs] == [("score", "no_champion", 5)] * 2
 
 
 def test_critical_failure_publishes_nothing(world, spark):
