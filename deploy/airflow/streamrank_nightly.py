@@ -96,7 +96,7 @@ with DAG(
     start_date=datetime(2026, 11, 1),
     schedule="30 1 * * *",  # 01:30 UTC, after the platform's landing drop
     catchup=False,
-    max_active_runs=1,      # the warehouse lock enforces this too
+    max_active_runs=1,      # the tasks are single stages and take no warehouse lock: one night at a time
     default_args={"retries": 1, "retry_delay": timedelta(minutes=10)},
 ) as dag:
     previous = None
@@ -120,7 +120,10 @@ with DAG(
 with DAG(
     dag_id="streamrank_maintain",
     start_date=datetime(2026, 11, 1),
-    schedule="0 6 * * 0",  # Sundays 06:00 UTC, well after the night's run; it waits for no lock, a held one fails it
+    # Sundays 06:00 UTC, well after the night's run. A `streamrank nightly` holding the lock
+    # fails it (retried later); a compaction beside a stage task makes that stage's commit
+    # refuse (ConcurrentWriteError, exit 1) and Airflow's retry re-runs it: no rows are doubled.
+    schedule="0 6 * * 0",
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": timedelta(minutes=30)},

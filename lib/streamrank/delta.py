@@ -47,7 +47,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from streamrank.config import Config
-from streamrank.errors import SchemaMismatchError, StreamrankError
+from streamrank.errors import ConcurrentWriteError, SchemaMismatchError, StreamrankError
 from streamrank.schemas import TableSpec, all_table_names, table_spec
 from streamrank.spark import resolve_engine
 
@@ -526,7 +526,11 @@ class DeltaTable:
             merged = current.join(df.select(*keys), on=[current[k].eqNullSafe(df[k]) for k in keys], how="left_anti").unionByName(df)
         else:
             merged = df
-        return self._rs_stage(snapshot, merged, removes=touched, commit_info=commit_info, operation="MERGE").commit()
+        def scope(parts: Mapping[str, str | None], stats: Any) -> bool:
+            return not pkeys or tuple(parts[k] for k in pkeys) in wanted
+
+        return self._rs_stage(snapshot, merged, removes=touched, commit_info=commit_info, operation="MERGE",
+                              scope=scope).commit()
 
     def append_rows(self, rows: Iterable[Mapping[str, Any]], *, commit_info: Mapping[str, Any] | None = None) -> int:
         """Append a handful of Python rows (ops tables) without a Spark job on the rs engine."""
@@ -635,9 +639,10 @@ class DeltaTable:
                 )
                 frame = df.unionByName(kept, allowMissingColumns=evolve)
                 removes = removes + rewrite
+        scope = None if mode == "append" else (lambda parts, stats: not where or self._matches(where, parts, stats) != "none")
         return self._rs_stage(snapshot, frame, removes=removes, commit_info=commit_info, txn=txn,
                               operation="WRITE" if mode == "append" else "REPLACE",
-                              check=(df, where) if where else None)
+                              check=(df, where) if where else None, scope=scope)
 
     def _add_columns(self, schema: T.StructType, extra: list[str]) -> None:
         """Columns a write brings beyond the schema file (``evolve=True``): the spark engine adds
@@ -671,21 +676,26 @@ class DeltaTable:
         stats = self._file_stats(snapshot)
         remove, rewrite = [], []
         for path, parts in files:
-            verdicts = []
-            for col, value in where.items():
-                wanted = {_to_text(v) for v in (value if isinstance(value, (list, tuple, set)) else [value])}
-                if col in self.spec.partition_by:
-                    verdicts.append("all" if parts[col] in wanted else "none")
-                    continue
-                lo, hi = stats.get(path, {}).get(col, (None, None))
-                if lo is not None and lo == hi:
-                    verdicts.append("all" if lo in wanted else "none")
-                else:
-                    verdicts.append("some")
-            if "none" in verdicts:
-                continue
-            (remove if all(v == "all" for v in verdicts) else rewrite).append((path, parts))
+            verdict = self._matches(where, parts, stats.get(path, {}))
+            if verdict != "none":
+                (remove if verdict == "all" else rewrite).append((path, parts))
         return remove, rewrite
+
+    def _matches(self, where: Where, parts: Mapping[str, str | None],
+                 stats: Mapping[str, tuple[str | None, str | None]]) -> str:
+        """Whether a file's rows match `where`: "all", "none" or "some" (it must be read)."""
+        verdicts = []
+        for col, value in where.items():
+            wanted = {_to_text(v) for v in (value if isinstance(value, (list, tuple, set)) else [value])}
+            if col in self.spec.partition_by:
+                verdicts.append("all" if parts[col] in wanted else "none")
+                continue
+            lo, hi = stats.get(col, (None, None))
+            if lo is not None and lo == hi:
+                verdicts.append("all" if lo in wanted else "none")
+            else:
+                verdicts.append("some")
+        return "none" if "none" in verdicts else "all" if all(v == "all" for v in verdicts) else "some"
 
     def _file_stats(self, snapshot: deltalake.DeltaTable) -> dict[str, dict[str, tuple[str | None, str | None]]]:
         actions = _add_actions(snapshot)
@@ -702,8 +712,14 @@ class DeltaTable:
     def _rs_stage(self, snapshot: deltalake.DeltaTable, frame: DataFrame,
                   removes: list[tuple[str, dict[str, str | None]]], commit_info: Mapping[str, Any] | None,
                   operation: str, txn: tuple[str, int] | None = None,
-                  check: tuple[DataFrame, Where] | None = None) -> StagedWrite:
-        """Write `frame`'s files (uncommitted) and return the commit of them against `snapshot`."""
+                  check: tuple[DataFrame, Where] | None = None,
+                  scope: Callable[[Mapping[str, str | None], Any], bool] | None = None) -> StagedWrite:
+        """Write `frame`'s files (uncommitted) and return the commit of them against `snapshot`.
+
+        `scope` tells which files a replace or merge read (by partition values and column
+        stats); None for a blind append. With a scope the commit is checked here against
+        every commit made since `snapshot` (`_commit_checked`), not by delta-rs.
+        """
         adds, rows = self._stage_files(frame)
 
         def unlink() -> None:  # never leave visible-looking debris behind a failed commit
@@ -731,15 +747,18 @@ class DeltaTable:
                 commit_id = uuid.uuid4().hex
                 props = CommitProperties(
                     custom_metadata={**_commit_metadata(commit_info, operation), "streamrank.commit_id": commit_id},
-                    max_commit_retries=50,
+                    max_commit_retries=50 if scope is None else 0,
                     app_transactions=[deltalake.transaction.Transaction(txn[0], txn[1], now)] if txn else None,
                 )
                 if not adds and not remove_actions and not txn:
                     return CommitResult(snapshot.version(), 0, 0, 0)
-                snapshot.create_write_transaction(
-                    actions=adds + remove_actions, mode="append", schema=snapshot.schema(),
-                    partition_by=list(self.spec.partition_by) or None, commit_properties=props,
-                )
+                if scope is None:
+                    snapshot.create_write_transaction(
+                        actions=adds + remove_actions, mode="append", schema=snapshot.schema(),
+                        partition_by=list(self.spec.partition_by) or None, commit_properties=props,
+                    )
+                else:
+                    self._commit_checked(snapshot, adds + remove_actions, props, {p for p, _ in removes}, scope)
             except BaseException:
                 unlink()
                 raise
@@ -753,6 +772,49 @@ class DeltaTable:
                     .parquet(*[str(Path(self.path, a.path)) for a in adds]).select(*self.spec.schema.fieldNames()))
 
         return StagedWrite(self.spec.name, rows, commit, unlink, read)
+
+    def _commit_checked(self, snapshot: deltalake.DeltaTable, actions: list[Any], props: CommitProperties,
+                        removes: set[str], scope: Callable[[Mapping[str, str | None], Any], bool]) -> None:
+        """Commit a replace or merge only if no commit since `snapshot` touched what it read.
+
+        Why not delta-rs's own retries: its conflict checker lets a commit remove files that
+        a concurrent commit with data_change=false already removed (measured with deltalake
+        1.6.6), so a compaction (OPTIMIZE, `streamrank maintain`) committed between our
+        snapshot and our commit passes it. Our commit then
+        removes files the compaction already removed, while the compacted file holding
+        the same rows stays: the partition's rows are doubled. So each attempt compares
+        the latest snapshot with ours: a file we remove that is gone, or a new file in the
+        scope we read, is a conflict (ConcurrentWriteError, nothing committed: re-run).
+        Anything else (appends elsewhere, ops rows) is not, and the commit is retried on
+        the latest version with delta-rs's retries off, so no later commit slips past.
+        """
+        for _ in range(50):
+            latest = deltalake.DeltaTable(self.uri)
+            if latest.version() != snapshot.version():
+                self._check_no_conflict(snapshot, latest, removes, scope)
+            try:
+                latest.create_write_transaction(actions=actions, mode="append", schema=latest.schema(),
+                                                partition_by=list(self.spec.partition_by) or None, commit_properties=props)
+                return
+            except Exception:
+                if deltalake.DeltaTable(self.uri).version() == latest.version():
+                    raise  # not a lost race: a real failure
+        raise ConcurrentWriteError(f"{self.spec.name}: 50 commits by other writers in a row beat this one; nothing committed, re-run")
+
+    def _check_no_conflict(self, snapshot: deltalake.DeltaTable, latest: deltalake.DeltaTable, removes: set[str],
+                           scope: Callable[[Mapping[str, str | None], Any], bool]) -> None:
+        before = {p for p, _ in self._files(snapshot)}
+        now = self._files(latest)
+        gone = removes - {p for p, _ in now}
+        stats = self._file_stats(latest)
+        new = [p for p, parts in now if p not in before and scope(parts, stats.get(p, {}))]
+        if gone or new:
+            ops = sorted({str(h.get("operation")) for h in latest.history(latest.version() - snapshot.version())})
+            raise ConcurrentWriteError(
+                f"{self.spec.name} changed while this write was staged (version {snapshot.version()} -> {latest.version()}, "
+                f"{', '.join(ops)}): {len(gone)} of the files it replaces were removed and {len(new)} files were added "
+                "where it reads. Nothing was committed; re-run the stage (a compaction by `streamrank maintain` "
+                "running beside it is the usual cause)")
 
     def _check_rows_match(self, new_rows: DataFrame, adds: list[AddAction], where: Where) -> None:
         """Delta's replaceWhere contract: every new row matches the predicate.

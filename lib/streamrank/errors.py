@@ -58,6 +58,10 @@ class MissingInputError(StreamrankError):
     exit_code = 5
 
 
+class ConcurrentWriteError(StreamrankError):
+    """Another writer changed the files a replace or merge read; nothing was committed: re-run."""
+
+
 class SchemaMismatchError(StreamrankError):
     """A frame written to a table does not match the table's schema."""
 

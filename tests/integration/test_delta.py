@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import deltalake
 import pyarrow as pa
@@ -19,7 +20,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from streamrank.delta import InjectedFault, Warehouse
-from streamrank.errors import SchemaMismatchError, StreamrankError
+from streamrank.errors import ConcurrentWriteError, SchemaMismatchError, StreamrankError
 from streamrank.spark import delta_classes_loaded
 
 REPO = Path(__file__).resolve().parents[2]
@@ -173,6 +174,49 @@ def test_staged_overwrite_is_invisible_until_commit_and_discard_leaves_no_files(
     assert table.read().filter(F.col("run_date") == D2).agg(F.count("*"), F.min("value")).first() == (100, 7.0)
     assert table.read().count() == 300
     assert json.loads(table.history(1)[0]["userMetadata"]) == {"run_id": "wap"}
+
+
+def test_compaction_between_staging_and_commit_is_a_conflict_not_doubled_rows(spark, wh):
+    """`streamrank maintain` compacting a table while a stage has its replace staged: the
+    compacted file holds the partition's old rows, so committing the replace would double
+    them (delta-rs's own conflict check lets it through). The commit refuses instead."""
+    table = wh.table("ops/model_eval")
+    for i in range(4):
+        table.append(eval_rows(spark, 300, run_id=f"r{i}"))
+    before = rows_of(table.read())
+    on_disk = set(Path(table.uri).rglob("*.parquet"))
+    day2 = eval_rows(spark, 300).filter(F.col("run_date") == D2).withColumn("value", F.lit(7.0))
+    staged = table.stage_overwrite(day2, where={"run_date": D2})
+    table.optimize()
+    compacted = table.version()
+    with pytest.raises(ConcurrentWriteError, match=r"ops/model_eval changed while this write was staged .*OPTIMIZE.*re-run"):
+        staged.commit()
+    assert table.version() == compacted and rows_of(table.read()) == before
+    # the staged files are gone: on disk are the old files (until vacuum) and the compacted ones
+    assert set(Path(table.uri).rglob("*.parquet")) == on_disk | {Path(urlparse(u).path) for u in table.files()}
+    # the re-run sees the compacted files and replaces them
+    table.overwrite(day2, where={"run_date": D2})
+    assert table.read().filter(F.col("run_date") == D2).agg(F.count("*"), F.min("value")).first() == (100, 7.0)
+    assert table.read().count() == 900
+
+
+def test_staged_replace_commits_past_writes_elsewhere_and_refuses_one_into_its_partition(spark, wh):
+    table = wh.table("ops/model_eval")
+    table.append(eval_rows(spark, 300))
+    day2 = eval_rows(spark, 300).filter(F.col("run_date") == D2).withColumn("value", F.lit(7.0))
+    staged = table.stage_overwrite(day2, where={"run_date": D2})
+    table.append(eval_rows(spark, 30, run_id="other", dates=(D1,)))  # another partition: no conflict
+    res = staged.commit()
+    assert res.version == 3 and table.read().count() == 330
+    assert table.read().filter(F.col("run_date") == D2).agg(F.count("*"), F.min("value")).first() == (100, 7.0)
+
+    staged = table.stage_overwrite(day2.withColumn("value", F.lit(8.0)), where={"run_date": D2})
+    seen = set(table.files(partitions={"run_date": D2}))
+    table.append(eval_rows(spark, 30, run_id="late", dates=(D2,)))  # rows the replace never saw
+    late = len(set(table.files(partitions={"run_date": D2})) - seen)
+    with pytest.raises(ConcurrentWriteError, match=f"0 of the files it replaces were removed and {late} files were added"):
+        staged.commit()
+    assert table.read().filter(F.col("run_date") == D2).count() == 130 and table.version() == 4
 
 
 def test_replace_where_on_data_column_rewrites_only_matching_rows(spark, wh):
