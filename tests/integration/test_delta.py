@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
-from streamrank.delta import InjectedFault, Warehouse
+from streamrank.delta import DeltaTable, InjectedFault, Warehouse
 from streamrank.errors import ConcurrentWriteError, SchemaMismatchError, StreamrankError
 from streamrank.spark import delta_classes_loaded
 
@@ -254,6 +254,23 @@ def test_merge_upserts_on_keys(spark, wh):
     assert got["metric_3"] == 3.0 and got["metric_15"] == 1015.0 and got["metric_24"] == 1024.0
     with pytest.raises(StreamrankError, match="duplicate keys"):
         table.merge(changes.unionByName(changes), keys=["run_id", "metric", "run_date"])
+
+
+def test_merge_refuses_to_commit_over_a_compaction_of_what_it_read(spark, wh, monkeypatch):
+    table = wh.table("ops/model_eval")
+    for i in range(3):
+        table.append(eval_rows(spark, 20, run_id=f"r{i}"))
+    before = rows_of(table.read())
+    checked = DeltaTable._commit_checked
+
+    def compaction_first(self, *args, **kwargs):  # maintain's compaction lands just before the merge commits
+        table.optimize()
+        return checked(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaTable, "_commit_checked", compaction_first)
+    with pytest.raises(ConcurrentWriteError, match="OPTIMIZE"):
+        table.merge(eval_rows(spark, 25, run_id="r1").withColumn("value", F.lit(5.0)), keys=["run_id", "metric", "run_date"])
+    assert rows_of(table.read()) == before
 
 
 def test_schema_enforcement_names_columns(spark, wh):
