@@ -298,7 +298,6 @@ def test_columns_added_to_a_schema_file_upgrade_an_existing_table(spark, wh):
     """A warehouse created before the contract gained a column takes it on the next write."""
     from pyspark.sql.types import StructType
 
-    from streamrank.delta import DeltaTable
     from streamrank.schemas import TableSpec
 
     new = wh.table("ops/model_eval")
