@@ -779,14 +779,13 @@ class DeltaTable:
 
         Why not delta-rs's own retries: its conflict checker lets a commit remove files that
         a concurrent commit with data_change=false already removed (measured with deltalake
-        1.6.6), so a compaction (OPTIMIZE, `streamrank maintain`) committed between our
-        snapshot and our commit passes it. Our commit then
-        removes files the compaction already removed, while the compacted file holding
-        the same rows stays: the partition's rows are doubled. So each attempt compares
-        the latest snapshot with ours: a file we remove that is gone, or a new file in the
-        scope we read, is a conflict (ConcurrentWriteError, nothing committed: re-run).
-        Anything else (appends elsewhere, ops rows) is not, and the commit is retried on
-        the latest version with delta-rs's retries off, so no later commit slips past.
+        1.6.6). So a compaction (OPTIMIZE, `streamrank maintain`) that lands between our
+        snapshot and our commit passes it, and the compacted file keeps the rows our commit
+        replaces: the partition's rows are doubled. Each attempt here compares the latest
+        snapshot with ours instead: a file we remove that is gone, or a new file in the scope
+        we read, is a conflict (ConcurrentWriteError, nothing committed: re-run). Anything
+        else (appends elsewhere, ops rows) is not, and the commit goes onto the latest
+        version with delta-rs's retries off, so no later commit slips past unchecked.
         """
         for _ in range(50):
             latest = deltalake.DeltaTable(self.uri)
