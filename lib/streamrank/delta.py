@@ -76,6 +76,23 @@ class CommitResult:
     files_removed: int
 
 
+@dataclass(frozen=True)
+class CommitGuard:
+    """A precondition a write checks, at its commit, against every commit made after `since`.
+
+    Why: a writer that decided what to write from an earlier version must not commit on top
+    of a commit that already wrote it. Ingest decides which landing files are new from the
+    bronze version it read; if another ingest of the same date commits those files first,
+    both appends are blind to each other (Delta, and delta-rs's checker, see no conflict
+    between two appends), and the rows would be doubled. `conflict` gets each later
+    commit's history entry (our commit metadata included) and returns why this write must
+    not go on top of it, or None.
+    """
+
+    since: int
+    conflict: Callable[[Mapping[str, Any]], str | None]
+
+
 class StagedWrite:
     """A write whose files exist but which no reader sees until `commit`.
 
@@ -464,19 +481,25 @@ class DeltaTable:
 
     # -- writes --------------------------------------------------------------------
     def append(self, df: DataFrame, *, evolve: bool = False, commit_info: Mapping[str, Any] | None = None,
-               txn: tuple[str, int] | None = None) -> CommitResult:
-        """Add the rows of `df` in one commit."""
-        return self._write(df, mode="append", where=None, evolve=evolve, commit_info=commit_info, txn=txn)
+               txn: tuple[str, int] | None = None, guard: CommitGuard | None = None) -> CommitResult:
+        """Add the rows of `df` in one commit.
+
+        With a `guard`, the commit is refused (ConcurrentWriteError, nothing committed) if
+        a commit made after `guard.since` conflicts with it; see `CommitGuard`.
+        """
+        return self._write(df, mode="append", where=None, evolve=evolve, commit_info=commit_info, txn=txn, guard=guard)
 
     def overwrite(self, df: DataFrame, where: Where | None = None, *, evolve: bool = False,
-                  commit_info: Mapping[str, Any] | None = None, txn: tuple[str, int] | None = None) -> CommitResult:
+                  commit_info: Mapping[str, Any] | None = None, txn: tuple[str, int] | None = None,
+                  guard: CommitGuard | None = None) -> CommitResult:
         """Replace the rows matching `where` (all rows if None) with `df`, atomically.
 
         `where` maps columns to a value or a list of values, e.g. {"event_date": [d1, d2]}
         or {"ingest_date": d}; it is Delta's replaceWhere. Every row of `df` must match it,
-        so a re-run for the same partition leaves exactly one copy.
+        so a re-run for the same partition leaves exactly one copy. `guard` as in `append`.
         """
-        return self._write(df, mode="overwrite", where=where, evolve=evolve, commit_info=commit_info, txn=txn)
+        return self._write(df, mode="overwrite", where=where, evolve=evolve, commit_info=commit_info, txn=txn,
+                           guard=guard)
 
     def stage_overwrite(self, df: DataFrame, where: Where | None = None, *, commit_info: Mapping[str, Any] | None = None,
                         txn: tuple[str, int] | None = None) -> StagedWrite:
@@ -609,11 +632,13 @@ class DeltaTable:
 
     # -- internals ----------------------------------------------------------------------
     def _write(self, df: DataFrame, mode: str, where: Where | None, evolve: bool,
-               commit_info: Mapping[str, Any] | None, txn: tuple[str, int] | None) -> CommitResult:
-        return self._stage(df, mode, where, evolve, commit_info, txn).commit()
+               commit_info: Mapping[str, Any] | None, txn: tuple[str, int] | None,
+               guard: CommitGuard | None = None) -> CommitResult:
+        return self._stage(df, mode, where, evolve, commit_info, txn, guard).commit()
 
     def _stage(self, df: DataFrame, mode: str, where: Where | None, evolve: bool,
-               commit_info: Mapping[str, Any] | None, txn: tuple[str, int] | None) -> StagedWrite:
+               commit_info: Mapping[str, Any] | None, txn: tuple[str, int] | None,
+               guard: CommitGuard | None = None) -> StagedWrite:
         self._require()
         self.upgrade_schema()
         extra = [c for c in df.columns if c not in self.spec.schema.fieldNames()]
@@ -622,8 +647,8 @@ class DeltaTable:
             self._add_columns(df.schema, extra)
             df = df.select(*self.spec.schema.fieldNames())
         if self.engine == "spark":
-            return StagedWrite(self.spec.name, -1, lambda: self._spark_write(df, mode, where, evolve, commit_info, txn),
-                               lambda: None)
+            return StagedWrite(self.spec.name, -1,
+                               lambda: self._spark_write(df, mode, where, evolve, commit_info, txn, guard), lambda: None)
         snapshot = self._snapshot()
         self._refuse_column_mapping(snapshot, "write")
         removes: list[tuple[str, dict[str, str | None]]] = []
@@ -642,7 +667,7 @@ class DeltaTable:
         scope = None if mode == "append" else (lambda parts, stats: not where or self._matches(where, parts, stats) != "none")
         return self._rs_stage(snapshot, frame, removes=removes, commit_info=commit_info, txn=txn,
                               operation="WRITE" if mode == "append" else "REPLACE",
-                              check=(df, where) if where else None, scope=scope)
+                              check=(df, where) if where else None, scope=scope, guard=guard)
 
     def _add_columns(self, schema: T.StructType, extra: list[str]) -> None:
         """Columns a write brings beyond the schema file (``evolve=True``): the spark engine adds
@@ -713,12 +738,13 @@ class DeltaTable:
                   removes: list[tuple[str, dict[str, str | None]]], commit_info: Mapping[str, Any] | None,
                   operation: str, txn: tuple[str, int] | None = None,
                   check: tuple[DataFrame, Where] | None = None,
-                  scope: Callable[[Mapping[str, str | None], Any], bool] | None = None) -> StagedWrite:
+                  scope: Callable[[Mapping[str, str | None], Any], bool] | None = None,
+                  guard: CommitGuard | None = None) -> StagedWrite:
         """Write `frame`'s files (uncommitted) and return the commit of them against `snapshot`.
 
         `scope` tells which files a replace or merge read (by partition values and column
-        stats); None for a blind append. With a scope the commit is checked here against
-        every commit made since `snapshot` (`_commit_checked`), not by delta-rs.
+        stats); None for a blind append. With a scope or a `guard` the commit is checked
+        here against every commit made since (`_commit_checked`), not by delta-rs.
         """
         adds, rows = self._stage_files(frame)
 
@@ -732,6 +758,8 @@ class DeltaTable:
         except BaseException:
             unlink()
             raise
+
+        checked = scope is not None or guard is not None
 
         def commit() -> CommitResult:
             try:
@@ -747,18 +775,18 @@ class DeltaTable:
                 commit_id = uuid.uuid4().hex
                 props = CommitProperties(
                     custom_metadata={**_commit_metadata(commit_info, operation), "streamrank.commit_id": commit_id},
-                    max_commit_retries=50 if scope is None else 0,
+                    max_commit_retries=0 if checked else 50,
                     app_transactions=[deltalake.transaction.Transaction(txn[0], txn[1], now)] if txn else None,
                 )
                 if not adds and not remove_actions and not txn:
                     return CommitResult(snapshot.version(), 0, 0, 0)
-                if scope is None:
+                if not checked:
                     snapshot.create_write_transaction(
                         actions=adds + remove_actions, mode="append", schema=snapshot.schema(),
                         partition_by=list(self.spec.partition_by) or None, commit_properties=props,
                     )
                 else:
-                    self._commit_checked(snapshot, adds + remove_actions, props, {p for p, _ in removes}, scope)
+                    self._commit_checked(snapshot, adds + remove_actions, props, {p for p, _ in removes}, scope, guard)
             except BaseException:
                 unlink()
                 raise
@@ -774,8 +802,10 @@ class DeltaTable:
         return StagedWrite(self.spec.name, rows, commit, unlink, read)
 
     def _commit_checked(self, snapshot: deltalake.DeltaTable, actions: list[Any], props: CommitProperties,
-                        removes: set[str], scope: Callable[[Mapping[str, str | None], Any], bool]) -> None:
-        """Commit a replace or merge only if no commit since `snapshot` touched what it read.
+                        removes: set[str], scope: Callable[[Mapping[str, str | None], Any], bool] | None,
+                        guard: CommitGuard | None = None) -> None:
+        """Commit a replace or merge only if no commit since `snapshot` touched what it read,
+        and any write only if its `guard` finds no conflicting commit after `guard.since`.
 
         Why not delta-rs's own retries: its conflict checker lets a commit remove files that
         a concurrent commit with data_change=false already removed (measured with deltalake
@@ -789,8 +819,10 @@ class DeltaTable:
         """
         for _ in range(50):
             latest = deltalake.DeltaTable(self.uri)
-            if latest.version() != snapshot.version():
+            if scope is not None and latest.version() != snapshot.version():
                 self._check_no_conflict(snapshot, latest, removes, scope)
+            if guard is not None:
+                self._check_guard(latest, guard)
             try:
                 latest.create_write_transaction(actions=actions, mode="append", schema=latest.schema(),
                                                 partition_by=list(self.spec.partition_by) or None, commit_properties=props)
@@ -814,6 +846,13 @@ class DeltaTable:
                 f"{', '.join(ops)}): {len(gone)} of the files it replaces were removed and {len(new)} files were added "
                 "where it reads. Nothing was committed; re-run the stage (a compaction by `streamrank maintain` "
                 "running beside it is the usual cause)")
+
+    def _check_guard(self, latest: deltalake.DeltaTable, guard: CommitGuard) -> None:
+        """ConcurrentWriteError if a commit after `guard.since`, up to `latest`, conflicts."""
+        newer = latest.version() - guard.since
+        for entry in latest.history(newer) if newer > 0 else []:
+            if int(entry["version"]) > guard.since and (why := guard.conflict(entry)):
+                raise ConcurrentWriteError(f"{self.spec.name}: {why}. Nothing was committed; re-run the stage")
 
     def _check_rows_match(self, new_rows: DataFrame, adds: list[AddAction], where: Where) -> None:
         """Delta's replaceWhere contract: every new row matches the predicate.
@@ -871,7 +910,8 @@ class DeltaTable:
         )
 
     def _spark_write(self, df: DataFrame, mode: str, where: Where | None, evolve: bool,
-                     commit_info: Mapping[str, Any] | None, txn: tuple[str, int] | None) -> CommitResult:
+                     commit_info: Mapping[str, Any] | None, txn: tuple[str, int] | None,
+                     guard: CommitGuard | None = None) -> CommitResult:
         writer = df.write.format("delta").mode(mode)
         if self.spec.partition_by:
             writer = writer.partitionBy(*self.spec.partition_by)
@@ -884,6 +924,10 @@ class DeltaTable:
         if txn:
             writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
         _maybe_inject_fault(self.spec.name)
+        if guard is not None:
+            # delta-spark commits inside save(): the guard can only look just before it, so a
+            # rival commit in the seconds of the write itself is not caught on this engine
+            self._check_guard(deltalake.DeltaTable(self.uri), guard)
         writer.save(self.uri)
         return CommitResult(self.version() or 0, -1, -1, -1)
 

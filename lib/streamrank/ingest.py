@@ -39,8 +39,11 @@ when its path is not in ingest_log. So:
 The alternative, Delta's idempotent ``txn`` action, needs a monotonically increasing
 version per writer id; "the set of files of a date" has no natural such number once late
 files arrive, and the metadata also answers "which commit holds this file".
-Two ingest runs against one warehouse at the same time are not supported (the nightly
-holds a warehouse lock).
+Two ingest runs of one date at the same time (the nightly holds a warehouse lock, but an
+Airflow retry or a run by hand does not) both find the same files new. Delta sees no
+conflict between two appends, so each bronze commit carries a guard (`CommitGuard`): it
+refuses, with nothing of it committed, if an ingest commit made after the bronze version
+this run read names one of its files. The loser exits 1; its re-run skips what is logged.
 
 Order of work: everything that can reject the input runs before the first commit
 (checksums and gzip validation in Python threads while the CSVs are parsed); then the
@@ -125,7 +128,7 @@ import re
 import signal
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -139,7 +142,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from streamrank.context import Context, StageRun, stage_run
-from streamrank.delta import DeltaTable, InjectedFault, arrow_schema
+from streamrank.delta import CommitGuard, DeltaTable, InjectedFault, arrow_schema
 from streamrank.errors import MissingInputError, StreamrankError
 from streamrank.schemas import table_spec
 from streamrank.spark import session_settings, without_dictionaries
@@ -224,8 +227,10 @@ def _ingest(ctx: Context, date: dt.date, run: StageRun) -> dict[str, Any]:
     log_table = ctx.table(INGEST_LOG)
     tables = {kind: ctx.table(name) for kind, name in TARGETS.items()}
     run.read(INGEST_LOG, log_table.version())
+    read_at: dict[str, int] = {}  # what "new" is decided against; every bronze commit is guarded from here
     for name, table in tables.items():
-        run.read(TARGETS[name], table.version())
+        read_at[name] = table.version() or 0
+        run.read(TARGETS[name], read_at[name])
 
     seconds: dict[str, float] = {}
     run.metrics["seconds"] = seconds
@@ -283,7 +288,8 @@ def _ingest(ctx: Context, date: dt.date, run: StageRun) -> dict[str, Any]:
                 [pa.array(col, type=fld.type) for col, fld in zip(columns, schema, strict=True)], schema=schema))
             dates = sorted({f.snapshot_date for f in kind_files})
             res = tables[kind].overwrite(frame, where={"snapshot_date": dates},
-                                         commit_info=_commit_meta(ctx.run_id, date, kind_files))
+                                         commit_info=_commit_meta(ctx.run_id, date, kind_files),
+                                         guard=_not_committed_since(read_at[kind], kind_files, date))
             return kind, res.version, kind_files
 
         snapshot_jobs = [pool.submit(write_snapshot, kind) for kind in csv_rows]
@@ -291,7 +297,8 @@ def _ingest(ctx: Context, date: dt.date, run: StageRun) -> dict[str, Any]:
         for i in range(0, len(event_files), batch):
             chunk = event_files[i:i + batch]
             frame = _event_frame(spark, chunk, ctx.run_id, ingested_at, date)
-            res = tables[EVENTS].append(frame, commit_info=_commit_meta(ctx.run_id, date, chunk))
+            res = tables[EVENTS].append(frame, commit_info=_commit_meta(ctx.run_id, date, chunk),
+                                        guard=_not_committed_since(read_at[EVENTS], chunk, date))
             commits.append((EVENTS, res.version, chunk))
         commits += [job.result() for job in snapshot_jobs]
         lap("bronze")
@@ -631,6 +638,29 @@ def _commit_meta(run_id: str, date: dt.date, files: Sequence[LandingFile]) -> di
         "stage": META_STAGE, "run_id": run_id, "ingest_date": date.isoformat(),
         "files": [{"path": f.rel, "kind": f.kind, "size": f.size, "checksum": f.checksum} for f in files],
     }
+
+
+def _not_committed_since(version: int, files: Sequence[LandingFile], date: dt.date) -> CommitGuard:
+    """Refuse a bronze commit if another ingest committed any of its files after `version`.
+
+    Why: two ingests of one date at once (a retry started while the first still writes, a
+    second scheduler) both find the same files new; their appends do not conflict in
+    Delta's eyes, and without this the second would double the files' rows in bronze and
+    ingest_log. The loser exits 1 with nothing of that commit written; its re-run finds
+    the files logged and skips them.
+    """
+    mine = {f.rel for f in files}
+
+    def conflict(entry: Mapping[str, Any]) -> str | None:
+        meta = _ingest_meta(dict(entry))
+        taken = sorted(mine & {f["path"] for f in meta["files"]}) if meta else []
+        if not taken:
+            return None
+        more = f" and {len(taken) - 3} more" if len(taken) > 3 else ""
+        return (f"landing files {', '.join(taken[:3])}{more} were committed by ingest run {meta['run_id']} "
+                f"(version {entry['version']}) after this run found them new: two ingests of {date} ran at once")
+
+    return CommitGuard(version, conflict)
 
 
 def _log_row(date: dt.date | str, kind: str, path: str, size: int, checksum: str | None, rows: int, target: str,

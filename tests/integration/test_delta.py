@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
-from streamrank.delta import DeltaTable, InjectedFault, Warehouse
+from streamrank.delta import CommitGuard, DeltaTable, InjectedFault, Warehouse
 from streamrank.errors import ConcurrentWriteError, SchemaMismatchError, StreamrankError
 from streamrank.spark import delta_classes_loaded
 
@@ -217,6 +217,27 @@ def test_staged_replace_commits_past_writes_elsewhere_and_refuses_one_into_its_p
     with pytest.raises(ConcurrentWriteError, match=f"0 of the files it replaces were removed and {late} files were added"):
         staged.commit()
     assert table.read().filter(F.col("run_date") == D2).count() == 130 and table.version() == 4
+
+
+def test_guarded_append_commits_past_other_commits_and_refuses_after_a_conflicting_one(spark, wh):
+    table = wh.table("ops/model_eval")
+    table.append(eval_rows(spark, 30), commit_info={"batch": "a"})
+    since = table.version()
+
+    def same_batch(entry):
+        meta = json.loads(entry.get("userMetadata") or "{}")
+        return f"batch {meta['batch']} is already in" if meta.get("batch") == "b" else None
+
+    table.append(eval_rows(spark, 30, run_id="other"), commit_info={"batch": "c"})
+    res = table.append(eval_rows(spark, 30, run_id="b"), commit_info={"batch": "b"}, guard=CommitGuard(since, same_batch))
+    assert res.version == since + 2 and table.read().count() == 90
+
+    files = set(table.files())
+    on_disk = {p for p in Path(table.path).rglob("*.parquet")}
+    with pytest.raises(ConcurrentWriteError, match="ops/model_eval: batch b is already in. Nothing was committed"):
+        table.append(eval_rows(spark, 30, run_id="b"), commit_info={"batch": "b"}, guard=CommitGuard(since, same_batch))
+    assert table.version() == since + 2 and set(table.files()) == files and table.read().count() == 90
+    assert {p for p in Path(table.path).rglob("*.parquet")} == on_disk  # its staged files were deleted
 
 
 def test_replace_where_on_data_column_rewrites_only_matching_rows(spark, wh):

@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -370,6 +371,43 @@ def test_crash_after_bronze_commit_before_log_then_rerun_repairs(spark, base_con
     assert {r["ingest_run_id"] for r in log} == {ctx.run_id}  # credited to the run that committed
     assert {r["table_version"] for r in log} == {1} and all(r["checksum"] for r in log)
     assert ingest(rerun, D1)["files_new"] == 0 and versions(rerun)["ops/ingest_log"] == 1
+
+
+def test_two_ingests_of_one_date_at_once_commit_each_file_once(spark, base_conf, tmp_path, landing, ledger, monkeypatch):
+    """Two runs for one date, both deciding the same files are new (a retry started while
+    the first run still writes, or a second scheduler): the one that commits second refuses
+    (ConcurrentWriteError, exit 1) and bronze and ingest_log hold each line once."""
+    import streamrank.ingest as ingest_module
+    from streamrank.errors import ConcurrentWriteError
+
+    discover = ingest_module._discover
+    rival: dict = {}
+
+    def rival_after(*args, **kwargs):
+        found = discover(*args, **kwargs)
+        if not rival:  # the first run has found its files new; the rival runs from start to end now
+            rival["ctx"] = make_ctx(spark, base_conf, tmp_path, landing)
+            rival["summary"] = ingest(rival["ctx"], D1)
+        return found
+
+    monkeypatch.setattr(ingest_module, "_discover", rival_after)
+    ctx = make_ctx(spark, base_conf, tmp_path, landing)
+    with pytest.raises(ConcurrentWriteError) as refused:
+        ingest(ctx, D1)
+    assert re.search(rf"events/date={D1}/part-\d+\.jsonl.*committed by ingest run {rival['ctx'].run_id}", str(refused.value))
+    monkeypatch.setattr(ingest_module, "_discover", discover)
+    assert rival["summary"]["files_new"] == 9
+    assert_exact(ctx, ledger, D1)
+    log = log_of(ctx)
+    assert len(log) == len({r["path"] for r in log}) == 9 and {r["ingest_run_id"] for r in log} == {rival["ctx"].run_id}
+    assert all(ctx.table(t).version() == 1 for t in BRONZE)  # the loser committed nothing, snapshots included
+    statuses = {r["run_id"]: r["status"] for r in ctx.table("ops/job_runs").to_arrow().to_pylist()}
+    assert statuses == {rival["ctx"].run_id: "success", ctx.run_id: "failed"}
+
+    rerun = make_ctx(spark, base_conf, tmp_path, landing)
+    summary = ingest(rerun, D1)
+    assert summary["files_new"] == summary["files_repaired"] == 0
+    assert_exact(rerun, ledger, D1)
 
 
 def test_killed_after_bronze_commit_then_rerun_has_no_duplicates(spark, base_conf, tmp_path, landing, ledger):
