@@ -97,6 +97,8 @@ with DAG(
     schedule="30 1 * * *",  # 01:30 UTC, after the platform's landing drop
     catchup=False,
     max_active_runs=1,      # the tasks are single stages and take no warehouse lock: one night at a time
+    # A retry can start while a lost attempt still runs on its old worker: the second commit of
+    # the same data refuses (ingest: files already committed; replaces: files changed; exit 1).
     default_args={"retries": 1, "retry_delay": timedelta(minutes=10)},
 ) as dag:
     previous = None
