@@ -97,8 +97,9 @@ with DAG(
     schedule="30 1 * * *",  # 01:30 UTC, after the platform's landing drop
     catchup=False,
     max_active_runs=1,      # the tasks are single stages and take no warehouse lock: one night at a time
-    # A retry can start while a lost attempt still runs on its old worker: the second commit of
-    # the same data refuses (ingest: files already committed; replaces: files changed; exit 1).
+    # A retry can start while a lost attempt still runs on its old worker. Ingest's second commit
+    # of the same landing files refuses (exit 1); a replace either refuses (the files it read
+    # changed) or writes the same rows again; train may register one more challenger version.
     default_args={"retries": 1, "retry_delay": timedelta(minutes=10)},
 ) as dag:
     previous = None
