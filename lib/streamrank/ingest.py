@@ -33,7 +33,8 @@ when its path is not in ingest_log. So:
 - a crash before a bronze commit leaves only invisible Parquet orphans (the table layer)
   and the file is still new: the re-run ingests it once;
 - a crash after a bronze commit and before the ingest_log append is repaired by the next
-  run's reconcile: the file is not ingested again;
+  run's reconcile: the file is not ingested again (the repair rows are merged on path, so
+  two runs repairing at once still log each file once);
 - a re-run with nothing new commits nothing (every table keeps its version).
 
 The alternative, Delta's idempotent ``txn`` action, needs a monotonically increasing
@@ -243,7 +244,7 @@ def _ingest(ctx: Context, date: dt.date, run: StageRun) -> dict[str, Any]:
         clock = now
 
     logged = _read_log(log_table)
-    repaired = _reconcile(tables, log_table, logged)
+    repaired = _reconcile(ctx.spark, tables, log_table, logged)
     lap("reconcile")
     if repaired:
         run.wrote(INGEST_LOG, log_table.version())
@@ -691,10 +692,14 @@ def _ingest_meta(entry: dict[str, Any]) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("stage") == META_STAGE and meta.get("files") else None
 
 
-def _reconcile(tables: dict[str, DeltaTable], log_table: DeltaTable, logged: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def _reconcile(spark: SparkSession, tables: dict[str, DeltaTable], log_table: DeltaTable,
+               logged: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Log every file a bronze ingest commit holds that ingest_log lacks (a crash between them).
 
-    Updates `logged` in place and returns the rows appended.
+    Updates `logged` in place and returns the rows written. They are merged on path, not
+    appended: two runs repairing the same crash at once would otherwise log each file
+    twice. The merge commits only if ingest_log is as it read it (else exit 1, re-run)
+    and replaces the other run's rows if that run committed first.
     """
     rows: list[dict[str, Any]] = []
     for kind, table in tables.items():
@@ -713,7 +718,9 @@ def _reconcile(tables: dict[str, DeltaTable], log_table: DeltaTable, logged: dic
                 rows.append(row)
                 logged[f["path"]] = row
     if rows:
-        log_table.append_rows(rows)
+        schema = arrow_schema(log_table.spec.schema)
+        log_table.merge(spark.createDataFrame(pa.Table.from_pylist(rows, schema=schema)), keys=["path"],
+                        commit_info={"stage": "ingest-reconcile", "files": len(rows)})
     return rows
 
 

@@ -410,6 +410,36 @@ def test_two_ingests_of_one_date_at_once_commit_each_file_once(spark, base_conf,
     assert_exact(rerun, ledger, D1)
 
 
+def test_two_runs_repairing_one_crash_at_once_log_each_file_once(spark, base_conf, tmp_path, landing, ledger, monkeypatch):
+    """A crash after the bronze commits, then two runs at once: both find the same files
+    missing from ingest_log; the log still names each file once."""
+    import streamrank.ingest as ingest_module
+
+    monkeypatch.setenv(FAULT_AFTER_BRONZE_ENV, "raise")
+    with pytest.raises(InjectedFault):
+        ingest(make_ctx(spark, base_conf, tmp_path, landing), D1)
+    monkeypatch.delenv(FAULT_AFTER_BRONZE_ENV)
+
+    commit_rows = ingest_module._commit_rows
+    rival: dict = {}
+
+    def rival_first(*args, **kwargs):
+        if not rival:  # the first run is repairing; the rival repairs the same commits from start to end
+            rival["ctx"] = make_ctx(spark, base_conf, tmp_path, landing)
+            rival["summary"] = ingest(rival["ctx"], D1)
+        return commit_rows(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "_commit_rows", rival_first)
+    ctx = make_ctx(spark, base_conf, tmp_path, landing)
+    summary = ingest(ctx, D1)
+    monkeypatch.setattr(ingest_module, "_commit_rows", commit_rows)
+    assert rival["summary"]["files_repaired"] == 9 and summary["files_new"] == 0
+    log = log_of(ctx)
+    assert len(log) == len({r["path"] for r in log}) == 9
+    assert_exact(ctx, ledger, D1)
+    assert all(ctx.table(t).version() == 1 for t in BRONZE)
+
+
 def test_killed_after_bronze_commit_then_rerun_has_no_duplicates(spark, base_conf, tmp_path, landing, ledger):
     warehouse = tmp_path / "warehouse"
     env = {**os.environ, FAULT_AFTER_BRONZE_ENV: "kill"}
