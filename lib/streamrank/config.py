@@ -4,14 +4,16 @@ The shipped conf/local.yaml is both the embedded default and the schema: every k
 stage may read is declared there with a value of the right type. Layers, later wins:
 that file, the --conf file, STREAMRANK_* environment variables (a double underscore
 separates levels: STREAMRANK_SPARK__MASTER=local[4]), then --set key=value. A key that
-is not in the schema, or a value of the wrong type, is a ConfigError (exit 2) naming the
-key and the expected form, so a typo never silently falls back to a default.
+is not in the schema, a value of the wrong type, or a number outside its range (RANGES)
+is a ConfigError (exit 2) naming the key and the expected form, so a typo never silently
+falls back to a default and a stage never acts on a value that makes no sense.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime as dt
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -142,6 +144,7 @@ def _coerce(key: str, default: Any, value: Any, origin: str) -> Any:
         value = yaml.safe_load(value) if isinstance(value, str) else value
         if isinstance(value, (Mapping, list)):
             raise ConfigError(f"config key {key!r} ({origin}): expected a single value, got {value!r}")
+        _check_range(key, value, origin)
         return value
     if isinstance(value, str) and not isinstance(default, str):
         try:
@@ -158,10 +161,65 @@ def _coerce(key: str, default: Any, value: Any, origin: str) -> Any:
     if not ok:
         raise ConfigError(f"config key {key!r} ({origin}): expected {_type_name(default)}, got {value!r}")
     if isinstance(default, float):
-        return float(value)
-    if isinstance(default, str):
-        return str(value)
+        value = float(value)
+    elif isinstance(default, str):
+        value = str(value)
+    _check_range(key, value, origin)
     return value
+
+
+def _at_least(low: float) -> tuple[Any, str]:
+    return (lambda v: v >= low), f">= {low:g}"
+
+
+_FRACTION = ((lambda v: 0 <= v <= 1), "between 0 and 1")
+_POSITIVE = _at_least(1)
+_NON_NEGATIVE = _at_least(0)
+_NOT_EMPTY = ((lambda v: bool(v.strip())), "a non-empty string")
+
+#: Settings whose value must lie in a range; a value outside it is a ConfigError naming the key.
+#: Why: the types alone let through a negative lookback or a ratio of 1.5, which a stage would
+#: silently act on (a dedup that looks at no earlier day, a gate that can never fail).
+RANGES: dict[str, tuple[Any, str]] = {
+    "spark.master": _NOT_EMPTY, "spark.app_name": _NOT_EMPTY, "spark.driver_memory": _NOT_EMPTY,
+    "spark.shuffle_partitions": _POSITIVE,
+    "delta.vacuum_retention_hours": _NON_NEGATIVE,
+    "warehouse.root": _NOT_EMPTY, "landing.root": _NOT_EMPTY,
+    "mlflow.experiment": _NOT_EMPTY, "mlflow.model_name": _NOT_EMPTY,
+    "ingest.max_files_per_commit": _POSITIVE,
+    "clean.max_lateness_days": _NON_NEGATIVE, "clean.future_tolerance_hours": _NON_NEGATIVE,
+    "clean.dedup_lookback_days": _NON_NEGATIVE, "clean.bot_max_events_per_minute": _POSITIVE,
+    "clean.bot_max_purchases_per_hour": _POSITIVE, "clean.max_dwell_ms": _NON_NEGATIVE,
+    "clean.max_quantity": _POSITIVE, "clean.max_price": _NON_NEGATIVE,
+    "quality.max_quarantine_ratio": _FRACTION, "quality.volume_band": _NON_NEGATIVE,
+    "features.seq_len": _POSITIVE, "features.history_days": _POSITIVE, "features.cand_size": _POSITIVE,
+    "features.target_size": _POSITIVE, "features.cutoffs_per_day": _POSITIVE, "features.train_days": _POSITIVE,
+    "features.test_share": _FRACTION,
+    "model.d_model": _POSITIVE, "model.n_heads": _POSITIVE, "model.n_layers": _POSITIVE,
+    "model.dropout": ((lambda v: 0 <= v < 1), ">= 0 and < 1"), "model.num_negatives": _POSITIVE,
+    "model.cand_rank_weight": _NON_NEGATIVE, "model.n_hosts": _NON_NEGATIVE,
+    "train.batch_size": _POSITIVE, "train.lr": ((lambda v: v > 0), "> 0"), "train.weight_decay": _NON_NEGATIVE,
+    "train.max_epochs": _POSITIVE, "train.patience": _POSITIVE, "train.num_processes": _POSITIVE,
+    "train.grad_clip": _NON_NEGATIVE, "train.reader_workers": _POSITIVE, "train.shuffle_buffer": _NON_NEGATIVE,
+    "train.eval_negatives": _POSITIVE, "train.eval_k": _POSITIVE, "train.max_steps_per_epoch": _POSITIVE,
+    "train.cpu_threads": _POSITIVE,
+    "evaluate.intent_threshold": _FRACTION, "evaluate.als_rank": _POSITIVE, "evaluate.als_max_iter": _POSITIVE,
+    "gate.auc_tolerance": _NON_NEGATIVE,
+    "score.top_k": _POSITIVE, "score.active_days": _POSITIVE, "score.batch_size": _POSITIVE,
+}
+
+
+def _check_range(key: str, value: Any, origin: str) -> None:
+    """ConfigError if `value` is outside the range RANGES gives `key` (None: an unset optional)."""
+    if key not in RANGES or value is None:
+        return
+    check, wanted = RANGES[key]
+    if (check, wanted) == _NOT_EMPTY:
+        ok = isinstance(value, str) and check(value)
+    else:  # a number; optional (null) settings arrive here parsed from YAML, so check the type too
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and check(value)
+    if not ok:
+        raise ConfigError(f"config key {key!r} ({origin}): expected {wanted}, got {value!r}")
 
 
 def _set_checked(data: dict[str, Any], schema: Mapping[str, Any], key: str, value: Any, origin: str) -> None:

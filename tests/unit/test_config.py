@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from streamrank.cli import main
@@ -61,6 +63,35 @@ def test_bad_env_and_file(tmp_path):
     bad.write_text("spark:\n  mastr: x\n")
     with pytest.raises(ConfigError, match="unknown config key 'spark.mastr'"):
         load_config(bad, env={})
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("clean.dedup_lookback_days=-1", "'clean.dedup_lookback_days' (--set clean.dedup_lookback_days): expected >= 0, got -1"),
+    ("quality.max_quarantine_ratio=1.5",
+     "'quality.max_quarantine_ratio' (--set quality.max_quarantine_ratio): expected between 0 and 1, got 1.5"),
+    ("score.top_k=0", "'score.top_k' (--set score.top_k): expected >= 1, got 0"),
+    ("model.dropout=1", "'model.dropout' (--set model.dropout): expected >= 0 and < 1, got 1.0"),
+    ("train.lr=.nan", "'train.lr' (--set train.lr): expected > 0, got nan"),
+    ("train.cpu_threads=true", "'train.cpu_threads' (--set train.cpu_threads): expected >= 1, got True"),
+    ("spark.master=", "'spark.master' (--set spark.master): expected a non-empty string, got ''"),
+])
+def test_values_out_of_range_name_the_key(override, needle):
+    """A value of the right type that a stage would act on wrongly (a dedup that looks at no
+    earlier day, a quarantine gate that cannot fail, a JVM that cannot start) is exit 2 too."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override], env={})
+    assert needle in str(err.value)
+
+
+def test_ranges_hold_for_every_shipped_conf_and_at_their_edges():
+    for conf in (None, Path(__file__).resolve().parents[2] / "conf" / "cluster.yaml"):
+        load_config(conf, env={})
+    edges = ["clean.dedup_lookback_days=0", "quality.max_quarantine_ratio=1", "quality.max_quarantine_ratio=0",
+             "model.dropout=0", "train.cpu_threads=null", "train.cpu_threads=1", "model.n_hosts=0"]
+    cfg = load_config(None, edges, env={})
+    assert (cfg["clean.dedup_lookback_days"], cfg["quality.max_quarantine_ratio"], cfg["train.cpu_threads"]) == (0, 0.0, 1)
+    with pytest.raises(ConfigError, match="'score.batch_size' \\(override\\): expected >= 1, got -5"):
+        cfg.with_overrides({"score.batch_size": -5})
 
 
 @pytest.mark.parametrize("value", ["2026-1-01", "20261101", "2026-02-30", "yesterday"])
