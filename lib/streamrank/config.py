@@ -168,14 +168,18 @@ def _coerce(key: str, default: Any, value: Any, origin: str) -> Any:
     return value
 
 
-def _at_least(low: float) -> tuple[Any, str]:
-    return (lambda v: v >= low), f">= {low:g}"
+def _number(test: Any, wanted: str) -> tuple[Any, str]:
+    """A range check for a numeric setting; optional (null) settings arrive parsed from YAML,
+    so the type is checked here too (a bool is not a number)."""
+    def check(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and test(v)
+    return check, wanted
 
 
-_FRACTION = ((lambda v: 0 <= v <= 1), "between 0 and 1")
-_POSITIVE = _at_least(1)
-_NON_NEGATIVE = _at_least(0)
-_NOT_EMPTY = ((lambda v: bool(v.strip())), "a non-empty string")
+_FRACTION = _number(lambda v: 0 <= v <= 1, "between 0 and 1")
+_POSITIVE = _number(lambda v: v >= 1, ">= 1")
+_NON_NEGATIVE = _number(lambda v: v >= 0, ">= 0")
+_NOT_EMPTY = ((lambda v: isinstance(v, str) and bool(v.strip())), "a non-empty string")
 
 #: Settings whose value must lie in a range; a value outside it is a ConfigError naming the key.
 #: Why: the types alone let through a negative lookback or a ratio of 1.5, which a stage would
@@ -196,9 +200,9 @@ RANGES: dict[str, tuple[Any, str]] = {
     "features.target_size": _POSITIVE, "features.cutoffs_per_day": _POSITIVE, "features.train_days": _POSITIVE,
     "features.test_share": _FRACTION,
     "model.d_model": _POSITIVE, "model.n_heads": _POSITIVE, "model.n_layers": _POSITIVE,
-    "model.dropout": ((lambda v: 0 <= v < 1), ">= 0 and < 1"), "model.num_negatives": _POSITIVE,
+    "model.dropout": _number(lambda v: 0 <= v < 1, ">= 0 and < 1"), "model.num_negatives": _POSITIVE,
     "model.cand_rank_weight": _NON_NEGATIVE, "model.n_hosts": _NON_NEGATIVE,
-    "train.batch_size": _POSITIVE, "train.lr": ((lambda v: v > 0), "> 0"), "train.weight_decay": _NON_NEGATIVE,
+    "train.batch_size": _POSITIVE, "train.lr": _number(lambda v: v > 0, "> 0"), "train.weight_decay": _NON_NEGATIVE,
     "train.max_epochs": _POSITIVE, "train.patience": _POSITIVE, "train.num_processes": _POSITIVE,
     "train.grad_clip": _NON_NEGATIVE, "train.reader_workers": _POSITIVE, "train.shuffle_buffer": _NON_NEGATIVE,
     "train.eval_negatives": _POSITIVE, "train.eval_k": _POSITIVE, "train.max_steps_per_epoch": _POSITIVE,
@@ -214,11 +218,7 @@ def _check_range(key: str, value: Any, origin: str) -> None:
     if key not in RANGES or value is None:
         return
     check, wanted = RANGES[key]
-    if (check, wanted) == _NOT_EMPTY:
-        ok = isinstance(value, str) and check(value)
-    else:  # a number; optional (null) settings arrive here parsed from YAML, so check the type too
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and check(value)
-    if not ok:
+    if not check(value):
         raise ConfigError(f"config key {key!r} ({origin}): expected {wanted}, got {value!r}")
 
 

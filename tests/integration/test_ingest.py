@@ -373,29 +373,37 @@ def test_crash_after_bronze_commit_before_log_then_rerun_repairs(spark, base_con
     assert ingest(rerun, D1)["files_new"] == 0 and versions(rerun)["ops/ingest_log"] == 1
 
 
+def rival_inside(monkeypatch, name: str, spark, base_conf, tmp_path, landing) -> dict:
+    """Patch ingest's `name` so that its first call first runs a whole rival ingest of D1 on
+    the same warehouse: two runs at once, interleaved at that point. Returns the rival's
+    ctx and summary once it has run."""
+    import streamrank.ingest as ingest_module
+
+    original, rival = getattr(ingest_module, name), {}
+
+    def first_the_rival(*args, **kwargs):
+        if not rival:
+            rival["ctx"] = make_ctx(spark, base_conf, tmp_path, landing)
+            rival["summary"] = ingest(rival["ctx"], D1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, name, first_the_rival)
+    return rival
+
+
 def test_two_ingests_of_one_date_at_once_commit_each_file_once(spark, base_conf, tmp_path, landing, ledger, monkeypatch):
     """Two runs for one date, both deciding the same files are new (a retry started while
     the first run still writes, or a second scheduler): the one that commits second refuses
     (ConcurrentWriteError, exit 1) and bronze and ingest_log hold each line once."""
-    import streamrank.ingest as ingest_module
     from streamrank.errors import ConcurrentWriteError
 
-    discover = ingest_module._discover
-    rival: dict = {}
-
-    def rival_after(*args, **kwargs):
-        found = discover(*args, **kwargs)
-        if not rival:  # the first run has found its files new; the rival runs from start to end now
-            rival["ctx"] = make_ctx(spark, base_conf, tmp_path, landing)
-            rival["summary"] = ingest(rival["ctx"], D1)
-        return found
-
-    monkeypatch.setattr(ingest_module, "_discover", rival_after)
+    # the rival runs once this run has read ingest_log and bronze (reconcile), before it discovers
+    rival = rival_inside(monkeypatch, "_discover", spark, base_conf, tmp_path, landing)
     ctx = make_ctx(spark, base_conf, tmp_path, landing)
     with pytest.raises(ConcurrentWriteError) as refused:
         ingest(ctx, D1)
+    monkeypatch.undo()
     assert re.search(rf"events/date={D1}/part-\d+\.jsonl.*committed by ingest run {rival['ctx'].run_id}", str(refused.value))
-    monkeypatch.setattr(ingest_module, "_discover", discover)
     assert rival["summary"]["files_new"] == 9
     assert_exact(ctx, ledger, D1)
     log = log_of(ctx)
@@ -413,26 +421,16 @@ def test_two_ingests_of_one_date_at_once_commit_each_file_once(spark, base_conf,
 def test_two_runs_repairing_one_crash_at_once_log_each_file_once(spark, base_conf, tmp_path, landing, ledger, monkeypatch):
     """A crash after the bronze commits, then two runs at once: both find the same files
     missing from ingest_log; the log still names each file once."""
-    import streamrank.ingest as ingest_module
-
     monkeypatch.setenv(FAULT_AFTER_BRONZE_ENV, "raise")
     with pytest.raises(InjectedFault):
         ingest(make_ctx(spark, base_conf, tmp_path, landing), D1)
     monkeypatch.delenv(FAULT_AFTER_BRONZE_ENV)
 
-    commit_rows = ingest_module._commit_rows
-    rival: dict = {}
-
-    def rival_first(*args, **kwargs):
-        if not rival:  # the first run is repairing; the rival repairs the same commits from start to end
-            rival["ctx"] = make_ctx(spark, base_conf, tmp_path, landing)
-            rival["summary"] = ingest(rival["ctx"], D1)
-        return commit_rows(*args, **kwargs)
-
-    monkeypatch.setattr(ingest_module, "_commit_rows", rival_first)
+    # the rival repairs the same commits while this run is counting their rows for its repair
+    rival = rival_inside(monkeypatch, "_commit_rows", spark, base_conf, tmp_path, landing)
     ctx = make_ctx(spark, base_conf, tmp_path, landing)
     summary = ingest(ctx, D1)
-    monkeypatch.setattr(ingest_module, "_commit_rows", commit_rows)
+    monkeypatch.undo()
     assert rival["summary"]["files_repaired"] == 9 and summary["files_new"] == 0
     log = log_of(ctx)
     assert len(log) == len({r["path"] for r in log}) == 9
