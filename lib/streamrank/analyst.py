@@ -2,16 +2,36 @@
 
 Views point at the latest version unless `--as-of-version table=N` pins one, so a
 question can be asked of yesterday's rankings as easily as of today's.
+
+A mistake in the query is the analyst's to fix, so it is exit 2 with Spark's own words
+(error class, position, suggestions) and no Python or JVM stack: a syntax error, an
+unknown column or view (the views are listed), or an ANSI error on the data such as a
+division by zero (the `try_` function that tolerates it is named). A pinned version the
+table never had is exit 2 naming the table's latest version; one whose files `maintain`
+has vacuumed is exit 5 (missing input).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import deltalake
+from pyspark.errors import AnalysisException, ParseException, PySparkException
+
 from streamrank.context import Context
-from streamrank.errors import UsageError
+from streamrank.errors import MissingInputError, StreamrankError, UsageError
 from streamrank.schemas import all_table_names, table_spec
+
+#: SQLSTATE classes of errors the query itself causes (SQL:2016): 42 syntax error or
+#: access rule violation (a typo, an unknown column or view), 22 data exception (ANSI mode:
+#: division by zero, a cast that cannot parse, an index out of bounds)
+QUERY_SQLSTATE_CLASSES = ("42", "22")
+VACUUMED = ("`streamrank maintain` vacuums the files that no version within delta.vacuum_retention_hours needs;"
+            " pin a newer version")
 
 
 def register_views(ctx: Context, as_of: dict[str, int] | None = None) -> list[str]:
@@ -23,7 +43,24 @@ def register_views(ctx: Context, as_of: dict[str, int] | None = None) -> list[st
     views = []
     for name in all_table_names():
         table = ctx.table(name)
-        table.read(version=as_of.get(name)).createOrReplaceTempView(table_spec(name).view_name)
+        version = as_of.get(name)
+        if version is None:
+            frame = table.read()
+        else:
+            latest = table.version()
+            if latest is None or version > latest:
+                have = "does not exist yet" if latest is None else f"is at version {latest}"
+                raise UsageError(f"--as-of-version {name}={version}: {name} {have}")
+            try:
+                frame = table.read(version=version)
+            except AnalysisException as exc:
+                if exc.getCondition() == "PATH_NOT_FOUND":
+                    raise MissingInputError(f"--as-of-version {name}={version}: {_first_line(str(exc))}\n{VACUUMED}") from None
+                raise UsageError(f"--as-of-version {name}={version}: {_first_line(str(exc))}") from None
+            except deltalake.exceptions.DeltaError as exc:
+                raise UsageError(f"--as-of-version {name}={version}: that version of {name} cannot be loaded"
+                                 f" (its log entry may have been cleaned up): {_first_line(str(exc))}") from None
+        frame.createOrReplaceTempView(table_spec(name).view_name)
         views.append(table_spec(name).view_name)
     return views
 
@@ -48,20 +85,72 @@ def format_table(columns: list[str], rows: list[tuple]) -> str:
 
 def run_sql(ctx: Context, query: str, as_of_version: Sequence[str] | None = None, out: str | None = None,
             limit: int = 1000) -> int:
-    register_views(ctx, _parse_as_of(as_of_version))
-    df = ctx.spark.sql(query)
-    if out:
-        path = Path(out)
-        if path.suffix == ".csv":
-            df.toPandas().to_csv(path, index=False)
-        elif path.suffix == ".parquet":
-            df.toPandas().to_parquet(path, index=False)
-        else:
-            raise UsageError(f"--out {out}: expected a .csv or .parquet file name")
-        print(f"wrote {path}")
-        return 0
-    rows = df.limit(limit + 1).collect()
+    path = Path(out) if out else None
+    if path is not None and path.suffix not in (".csv", ".parquet"):
+        raise UsageError(f"--out {out}: expected a .csv or .parquet file name")
+    if limit < 0:
+        raise UsageError(f"--limit {limit}: expected a number of rows >= 0")
+    views = register_views(ctx, _parse_as_of(as_of_version))
+    with _query_errors(ctx, views):
+        df = ctx.spark.sql(query)
+        if path is not None:
+            frame = df.toPandas()
+            if path.suffix == ".csv":
+                frame.to_csv(path, index=False)
+            else:
+                frame.to_parquet(path, index=False)
+            print(f"wrote {path} ({len(frame)} rows)")
+            return 0
+        rows = df.limit(limit + 1).collect()
     print(format_table(df.columns, [tuple(r) for r in rows[:limit]]))
     if len(rows) > limit:
         print(f"... more than {limit} rows; use --limit or --out")
     return 0
+
+
+@contextlib.contextmanager
+def _query_errors(ctx: Context, views: Sequence[str]) -> Iterator[None]:
+    """Turn Spark's errors about the query into a StreamrankError with Spark's message only.
+
+    Spark also logs a failed query with its whole stack, twice: PySpark's
+    SQLQueryContextLogger, and the executor and scheduler (log4j) for an error in a task.
+    The message raised here already says all of it, so both are quiet while the query
+    runs; log4j goes back to `spark.log_level` afterwards.
+    """
+    quiet = logging.getLogger("SQLQueryContextLogger")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    ctx.spark.sparkContext.setLogLevel("FATAL")
+    try:
+        yield
+    except PySparkException as exc:
+        raise query_error(exc, views) from None
+    finally:
+        quiet.setLevel(level)
+        ctx.spark.sparkContext.setLogLevel(str(ctx.cfg["spark.log_level"]))
+
+
+def query_error(exc: PySparkException, views: Sequence[str]) -> StreamrankError:
+    """The error to report for a failed query: Spark's message without the plan or stack.
+
+    Mistakes in the query (QUERY_SQLSTATE_CLASSES) are a UsageError (exit 2); anything
+    else Spark reports about it stays exit 1.
+    """
+    condition = exc.getCondition() or ""
+    state = exc.getSqlState() or ""
+    # str() of a captured error is Spark's text with the query context (the caret under a
+    # syntax error), and the JVM stack only when spark.sql.pyspark.jvmStacktrace.enabled
+    message = str(exc).split("\n\nJVM stacktrace:", 1)[0].strip()
+    if isinstance(exc, AnalysisException) and not isinstance(exc, ParseException):
+        # the analyzed plan follows the position: a page of tree nobody asked for
+        found = re.search(r"SQLSTATE: \w+(; line \d+ pos \d+)?", message)
+        message = message[: found.end()] if found else message
+    if condition == "TABLE_OR_VIEW_NOT_FOUND":
+        message += f"\nthe tables are views named <layer>_<table>: {', '.join(views)}"
+    if state[:2] in QUERY_SQLSTATE_CLASSES:
+        return UsageError(f"the query failed: {message}")
+    return StreamrankError(f"the query failed: {message}")
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), text)
