@@ -12,7 +12,7 @@ import logging
 import pytest
 from pyspark.sql import functions as F
 
-from streamrank.analyst import run_sql
+from streamrank.analyst import named_tables, run_sql
 from streamrank.context import Context
 from streamrank.errors import MissingInputError, UsageError
 
@@ -96,3 +96,10 @@ def test_output_settings_are_checked_before_the_query_runs(ctx, tmp_path, capsys
     assert run_sql(ctx, "SELECT * FROM ops_model_eval", out=str(tmp_path / "result.csv")) == 0
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'result.csv'} (5 rows)"
     assert len((tmp_path / "result.csv").read_text().splitlines()) == 6
+
+
+def test_only_the_views_a_query_names_are_registered():
+    query = "SELECT * FROM GOLD_user_product_rankings r JOIN `ops_job_runs` j ON true WHERE r.x = 'silver_quarantine_old'"
+    assert named_tables(query) == {"gold/user_product_rankings", "ops/job_runs"}
+    assert named_tables("SELECT * FROM ops_job_runs_backup, my_ops_job_runs") == set()
+    assert named_tables("SELECT 1") == set()
