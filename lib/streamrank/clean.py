@@ -23,7 +23,8 @@ fields of a truncated line are a symptom of its one fault, not independent fault
 malformed           bronze parse_ok is false (the line is not a JSON object)
 bad_encoding        the raw line holds U+FFFD (invalid UTF-8 replaced when it was read)
 bad_type            dwell_ms/price_paid/quantity present but not a number of the column's
-                    type, or event_ts present but not ISO 8601 with an offset
+                    type, event_ts present but not ISO 8601 with an offset, or a text
+                    field of silver (TEXT_FIELDS) holding a JSON object or array
 missing_field       a required field is null: event_id, viewer_id, session_id, stream_id,
                     event_type, event_ts (the silver suite's non-null contract)
 unknown_event_type  event_type not one of the ten of DESIGN section 5
@@ -114,6 +115,13 @@ EVENT_TYPES: tuple[str, ...] = (
 REQUIRED: tuple[str, ...] = ("event_id", "viewer_id", "session_id", "stream_id", "event_type", "event_ts")
 #: landing field -> the silver type it must parse as
 NUMERIC: dict[str, str] = {"dwell_ms": "bigint", "price_paid": "double", "quantity": "int"}
+#: the landing fields silver keeps as text. Bronze holds every field as text, and a JSON
+#: object or array in one arrives as its JSON text ('{"a":1}', '[1]'): no id, event type or
+#: app version looks like that, so such a row is bad_type rather than a viewer named '{"a":1}'.
+#: (A JSON number or boolean arrives as its digits or word, which is a usable id.)
+TEXT_FIELDS: tuple[str, ...] = (
+    "event_id", "viewer_id", "session_id", "stream_id", "host_id", "product_id", "event_type", "app_version",
+)
 #: every reason code, sorted: the order rows' `reasons` arrays come out in
 REASONS: tuple[str, ...] = tuple(sorted((
     "malformed", "bad_encoding", "bad_type", "missing_field", "unknown_event_type", "bad_dwell",
@@ -220,7 +228,8 @@ def reason_conditions(day: dt.date, rules: CleanRules, product_ids: Collection[s
     that driver time, before the stage's first job can start.
     """
     bad_type = " OR ".join([f"({c} IS NOT NULL AND _{c} IS NULL)" for c in NUMERIC]
-                           + ["(event_ts IS NOT NULL AND _ts IS NULL)"])
+                           + ["(event_ts IS NOT NULL AND _ts IS NULL)"]
+                           + [f"left({c}, 1) IN ('{{', '[')" for c in TEXT_FIELDS])
     missing = " OR ".join(f"{c} IS NULL" for c in REQUIRED)
     future_us = _utc_micros(day, days=1, hours=rules.future_tolerance_hours)
     past_us = _utc_micros(day, days=-rules.max_lateness_days)

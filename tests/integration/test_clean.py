@@ -286,6 +286,9 @@ def test_reasons_and_dedup_precedence(spark):
         _bronze_row(9, viewer="v1", ts="2026-02-25T23:59:59Z"),                 # before D - 3 days: past_ts
         _bronze_row(10, viewer="v1", ts="2026-02-26T00:00:00Z"),                # exactly D - 3 days: late, valid
         _bronze_row(11, **base, event_type="heartbeat", stream_id="st404", session_id=None),
+        _bronze_row(12, viewer='{"id":"v1"}', ts=ts),                           # a JSON object where an id belongs
+        _bronze_row(13, **base, app_version='["6.0.0"]'),                       # a JSON array: bad_type
+        _bronze_row(14, viewer="12345", ts=ts, host_id="h{1}"),                 # a number as id, a brace inside: valid
     ]
     rules = CleanRules()
     bronze = spark.createDataFrame(rows, table_spec("bronze/viewer_events").schema)
@@ -310,6 +313,9 @@ def test_reasons_and_dedup_precedence(spark):
         ("e000009", "events/f.jsonl", 10): ("quarantine", ["past_ts"]),
         ("e000010", "events/f.jsonl", 11): ("silver", []),
         ("e000011", "events/f.jsonl", 12): ("quarantine", ["missing_field", "unknown_event_type", "unknown_stream"]),
+        ("e000012", "events/f.jsonl", 13): ("quarantine", ["bad_type"]),
+        ("e000013", "events/f.jsonl", 14): ("quarantine", ["bad_type"]),
+        ("e000014", "events/f.jsonl", 15): ("silver", []),
     }
     assert set(REASONS) >= {code for _, codes in got.values() for code in codes}
     silver = clean_mod.to_silver(labelled, "r", D1)
