@@ -31,8 +31,6 @@ from streamrank.schemas import all_table_names, table_spec
 #: access rule violation (a typo, an unknown column or view), 22 data exception (ANSI mode:
 #: division by zero, a cast that cannot parse, an index out of bounds)
 QUERY_SQLSTATE_CLASSES = ("42", "22")
-VACUUMED = ("`streamrank maintain` vacuums the files that no version within delta.vacuum_retention_hours needs;"
-            " pin a newer version")
 
 
 def register_views(ctx: Context, as_of: dict[str, int] | None = None, tables: Collection[str] | None = None) -> list[str]:
@@ -58,7 +56,9 @@ def register_views(ctx: Context, as_of: dict[str, int] | None = None, tables: Co
                 frame = table.read(version=version)
             except AnalysisException as exc:
                 if exc.getCondition() == "PATH_NOT_FOUND":
-                    raise MissingInputError(f"--as-of-version {name}={version}: {_first_line(str(exc))}\n{VACUUMED}") from None
+                    raise MissingInputError(f"--as-of-version {name}={version}: {_first_line(str(exc))}\n`streamrank maintain`"
+                                            " vacuums the files that no version within delta.vacuum_retention_hours needs;"
+                                            " pin a newer version") from None
                 raise UsageError(f"--as-of-version {name}={version}: {_first_line(str(exc))}") from None
             except deltalake.exceptions.DeltaError as exc:
                 raise UsageError(f"--as-of-version {name}={version}: that version of {name} cannot be loaded"
