@@ -86,7 +86,9 @@ Line and JSON semantics
   number, while ``raw_line`` keeps the exact bytes. ``parse_ok`` is false for a line that
   is not valid JSON, for JSON that is not an object (``[1]``, ``123``, ``null``), and for an
   object followed by trailing text (Jackson would stop at the first object); single
-  quotes are not accepted. Fields are null when ``parse_ok`` is false.
+  quotes are not accepted. Fields are null when ``parse_ok`` is false. A key that occurs
+  twice in one object keeps its last value (Jackson's order); ``raw_line`` keeps both.
+  Clean marks an object or array in an id or name field ``bad_type`` (clean.TEXT_FIELDS).
 - Invalid UTF-8: Spark's text reader keeps the raw bytes; the JSON parser decodes them
   with U+FFFD replacement characters and ``raw_line`` is stored through
   ``make_valid_utf8`` (same replacement), so every bronze string is valid UTF-8 for any
