@@ -24,6 +24,7 @@ from pyspark.sql import DataFrame  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from streamrank.context import Context, stage_run  # noqa: E402
+from streamrank.errors import MissingInputError  # noqa: E402
 
 LAYERS = [
     ("bronze/viewer_events", "ingest_date"),
@@ -32,6 +33,9 @@ LAYERS = [
     ("gold/training_examples", "as_of_date"),
     ("gold/user_product_rankings", "score_date"),
 ]
+#: The stages of a night whose runs a report is about. Not `promote --version` or
+#: `maintain`, which record the day they were run on, not a night of data.
+NIGHT_STAGES = ("ingest", "clean", "features", "train", "evaluate", "score")
 
 
 def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -204,8 +208,27 @@ def _log_to_mlflow(ctx: Context, date: dt.date, report_dir: Path) -> str | None:
         return active.info.run_id
 
 
+def require_night(ctx: Context, date: dt.date) -> None:
+    """Refuse a night no stage has run for: most often a mistyped date.
+
+    Its page would be a row of empty sections that looks like a night where everything
+    came through empty, and it would add an MLflow run of its own. A night whose stages
+    failed still gets its page: that is when the on-call engineer needs it most.
+    """
+    runs = ctx.table("ops/job_runs").read().filter(F.col("stage").isin(*NIGHT_STAGES))
+    ran, latest = runs.agg(F.max(F.col("run_date") == F.lit(date)), F.max("run_date")).first()
+    if ran:
+        return
+    where = f"warehouse {ctx.cfg.warehouse}"
+    raise MissingInputError(
+        f"no stage has run for {date} in {where} (ops/job_runs), so there is nothing to report; "
+        + (f"the latest night with stage runs is {latest}" if latest else "no stage has run there yet")
+        + f". Run `streamrank nightly --date {date}` first.")
+
+
 def report(ctx: Context, date: dt.date) -> Path:
     with stage_run(ctx, "report", date) as run:
+        require_night(ctx, date)
         page = build_report(ctx, date)
         run.mlflow_run_id = _log_to_mlflow(ctx, date, page.parent)
         run.metrics["page"] = str(page)

@@ -193,6 +193,17 @@ def test_corrupt_schedule_file_exits_5_naming_it(world, tmp_path):
     assert {k: v for k, v in after.items() if k != "ops/job_runs"} == {k: v for k, v in before.items() if k != "ops/job_runs"}
 
 
+def test_report_of_a_night_that_never_ran_is_exit_5_naming_the_latest(world):
+    wh, cfg = world["wh"], world["cfg"]
+    never = dt.date(2027, 1, 1)
+    proc = run_cli(["report", "--date", str(never), *settings(cfg)])
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    latest = wh.table("ops/job_runs").read().filter("stage = 'ingest'").agg({"run_date": "max"}).first()[0]
+    assert f"no stage has run for {never}" in proc.stderr
+    assert f"the latest night with stage runs is {latest}" in proc.stderr
+    assert not (cfg.reports / str(never)).exists()
+
+
 def test_report_renders_with_images_in_headless_chromium(world, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
