@@ -9,7 +9,8 @@ A mistake in the query is the analyst's to fix, so it is exit 2 with Spark's own
 unknown column or view (the views are listed), or an ANSI error on the data such as a
 division by zero (the `try_` function that tolerates it is named). A pinned version the
 table never had is exit 2 naming the table's latest version; one whose files `maintain`
-has vacuumed is exit 5 (missing input).
+has vacuumed is exit 5 (missing input), and so is a file that vanishes while the query
+reads it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import deltalake
+from py4j.protocol import Py4JError, Py4JJavaError
 from pyspark.errors import AnalysisException, ParseException, PySparkException
 
 from streamrank.context import Context
@@ -141,6 +143,15 @@ def _query_errors(ctx: Context) -> Iterator[None]:
         yield
     except PySparkException as exc:
         raise query_error(exc) from None
+    except Py4JJavaError as exc:
+        # a failed task reaches Python as the JVM's SparkException, not a PySparkException
+        path = vanished_file(exc)
+        if path is None:
+            raise
+        raise MissingInputError(
+            f"the query failed: a file of a table it reads was removed while it ran: {path}\n"
+            f"`streamrank maintain` vacuums files that no snapshot within its retention needs; run the query "
+            f"again (it reads each table's latest version), or pin a version vacuum has kept") from None
     finally:
         quiet.setLevel(level)
         ctx.spark.sparkContext.setLogLevel(str(ctx.cfg["spark.log_level"]))
@@ -167,6 +178,19 @@ def query_error(exc: PySparkException) -> StreamrankError:
     if state[:2] in QUERY_SQLSTATE_CLASSES:
         return UsageError(f"the query failed: {message}")
     return StreamrankError(f"the query failed: {message}")
+
+
+def vanished_file(exc: Py4JJavaError) -> str | None:
+    """The file Spark found gone while it read it (FAILED_READ_FILE.FILE_NOT_EXIST), else None."""
+    java = exc.java_exception
+    while java is not None:
+        try:
+            if str(java.getCondition() or "") == "FAILED_READ_FILE.FILE_NOT_EXIST":
+                return str(java.getMessageParameters().get("path"))
+        except Py4JError:  # a Java throwable that is not a SparkThrowable has no condition
+            pass
+        java = java.getCause()
+    return None
 
 
 def _first_line(text: str) -> str:

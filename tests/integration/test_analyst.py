@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
@@ -84,6 +85,31 @@ def test_pinned_versions_the_table_had_never_had_or_no_longer_has(ctx, capsys):
     assert gone.value.exit_code == 5
     assert run_sql(ctx, "SELECT count(*) AS n FROM ops_model_eval", as_of_version=["ops/model_eval=2"]) == 0
     assert first_out_line(capsys) == "5"
+
+
+def test_a_file_removed_while_the_query_reads_it_is_exit_5_naming_it(ctx, capsys, monkeypatch):
+    from streamrank import analyst
+
+    table = ctx.table("ops/model_eval")
+    victim = table.files()[0]
+    register = analyst.register_views
+
+    def register_then_vacuum(*args, **kwargs):  # the view is planned over the file; then it goes
+        names = register(*args, **kwargs)
+        Path(victim.removeprefix("file://")).unlink()
+        return names
+
+    monkeypatch.setattr(analyst, "register_views", register_then_vacuum)
+    with pytest.raises(MissingInputError) as gone:
+        run_sql(ctx, "SELECT count(*) AS n, sum(value) AS s FROM ops_model_eval")
+    assert gone.value.exit_code == 5
+    message = str(gone.value)
+    assert message.startswith("the query failed: a file of a table it reads was removed while it ran: ")
+    assert Path(victim.removeprefix("file://")).name in message
+    assert "`streamrank maintain` vacuums" in message
+    assert "at org.apache" not in message and capsys.readouterr().out == ""
+    root = ctx.spark._jvm.org.apache.logging.log4j.LogManager.getRootLogger()
+    assert str(root.getLevel()) == ctx.cfg["spark.log_level"]
 
 
 def test_output_settings_are_checked_before_the_query_runs(ctx, tmp_path, capsys):
