@@ -272,6 +272,29 @@ def test_sql_views_latest_and_older_version(world, capsys, tmp_path):
     assert target.read_text().splitlines()[0] == "reason,n"
 
 
+def test_the_readmes_sql_examples_answer_on_a_nightly_warehouse(world, capsys):
+    """Each `streamrank sql` example of the README's analyst section runs and returns rows.
+
+    The README's dates and ids are the demo's; here they become this warehouse's.
+    """
+    import re
+
+    from streamrank.analyst import run_sql
+
+    ctx, wh = world["ctx"], world["wh"]
+    rankings = wh.table("gold/user_product_rankings")
+    viewer = rankings.read().filter(f"score_date = '{D4}' AND rank = 1").agg({"viewer_id": "min"}).first()[0]
+    readme = (REPO / "README.md").read_text()
+    examples = re.findall(r'\.venv/bin/streamrank sql "(.*?)"(?: --as-of-version (\S+))?\n', readme, re.S)
+    assert len(examples) >= 5, "the analyst section lost its examples"
+    for query, pin in examples:
+        query = query.replace("2026-11-08", str(D4)).replace("v0000042", viewer)
+        pin = re.sub(r"=\d+$", f"={rankings.version()}", pin)
+        assert run_sql(ctx, query, as_of_version=[pin] if pin else None) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) > 2 and lines[2].strip(), f"no rows from the README's example:\n{query}"
+
+
 def out_line(capsys) -> str:
     return capsys.readouterr().out.splitlines()[2].strip()
 
