@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
@@ -105,6 +106,8 @@ def run_sql(ctx: Context, query: str, as_of_version: Sequence[str] | None = None
     path = Path(out) if out else None
     if path is not None and path.suffix not in (".csv", ".parquet"):
         raise UsageError(f"--out {out}: expected a .csv or .parquet file name")
+    if path is not None and not (path.parent.is_dir() and os.access(path.parent, os.W_OK)):
+        raise UsageError(f"--out {out}: {path.parent} is not a directory this user can write to")
     if limit < 0:
         raise UsageError(f"--limit {limit}: expected a number of rows >= 0")
     as_of = _parse_as_of(as_of_version)

@@ -117,6 +117,8 @@ def test_output_settings_are_checked_before_the_query_runs(ctx, tmp_path, capsys
     with pytest.raises(UsageError, match=r"--out .*result.txt: expected a .csv or .parquet file name"):
         run_sql(ctx, "SELECT * FROM ops_model_eval", out=str(target))
     assert not target.exists()
+    with pytest.raises(UsageError, match=r"--out .*nowhere/result.csv: .*nowhere is not a directory this user can write to"):
+        run_sql(ctx, "SELECT * FROM ops_model_eval", out=str(tmp_path / "nowhere" / "result.csv"))
     with pytest.raises(UsageError, match=r"--limit -1: expected a number of rows >= 0"):
         run_sql(ctx, "SELECT * FROM ops_model_eval", limit=-1)
     assert run_sql(ctx, "SELECT * FROM ops_model_eval", out=str(tmp_path / "result.csv")) == 0
