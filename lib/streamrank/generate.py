@@ -93,6 +93,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from streamrank.errors import UsageError
+
 __all__ = ["generate", "EVENT_TYPES", "FAULT_KINDS", "CATEGORIES"]
 
 log = logging.getLogger(__name__)
@@ -1333,7 +1335,7 @@ def generate(landing_root: Path | str, start: dt.date, days: int, scale: float =
     every generated day plus the day after the last one, and ``_ledger/ledger.json``
     (merged with earlier calls, keyed by date). A landing root holds one world: the seed
     and scale must match earlier calls and ``start`` must not precede its epoch (raises
-    ValueError). Days between the epoch and ``start`` that have no saved state are
+    UsageError, exit 2, like a bad --days, --scale or --seed). Days between the epoch and ``start`` that have no saved state are
     simulated (not written) first, so every date's bytes are the same whatever the calls.
     """
     root = Path(landing_root)
@@ -1342,20 +1344,20 @@ def generate(landing_root: Path | str, start: dt.date, days: int, scale: float =
     if isinstance(start, dt.datetime) or not isinstance(start, dt.date):
         raise ValueError(f"start must be a date, got {start!r}")
     if int(days) < 1:
-        raise ValueError(f"days must be >= 1, got {days}")
+        raise UsageError(f"--days must be >= 1, got {days}")
     if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
+        raise UsageError(f"--scale must be > 0, got {scale}")
     if int(seed) < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise UsageError(f"--seed must be >= 0, got {seed}")
     days, seed, scale = int(days), int(seed), float(scale)
     ledger = _load_ledger(root)
     if ledger and (ledger.get("seed") != seed or float(ledger.get("scale")) != scale):
-        raise ValueError(
+        raise UsageError(
             f"{root} already holds seed={ledger.get('seed')} scale={ledger.get('scale')}; "
             f"use the same seed and scale or a fresh landing root")
     epoch = dt.date.fromisoformat(ledger["epoch"]) if ledger.get("epoch") else start
     if start < epoch:
-        raise ValueError(f"start {start} precedes this landing root's world epoch {epoch}; "
+        raise UsageError(f"start {start} precedes this landing root's world epoch {epoch}; "
                          f"use a fresh landing root")
     ledger = {"seed": seed, "scale": scale, "epoch": epoch.isoformat(), "dates": ledger.get("dates", {})}
     for sub in ("events", "catalog", "schedule", "_ledger/state"):

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from streamrank import generate as gen
+from streamrank.errors import UsageError
 from streamrank.generate import EVENT_TYPES, generate
 
 START = dt.date(2026, 11, 1)
@@ -335,14 +336,27 @@ def test_ledger_merges_and_rejects_another_world(tmp_path: Path) -> None:
     assert ledger["dates"]["2026-11-03"]["late_events"] > 0
     assert not (tmp_path / "events" / "date=2026-11-02").exists()
     assert ledger["dates"]["2026-11-01"]["faults"]["bot_events"] == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="already holds seed=5"):
         generate(tmp_path, START, 1, scale=SCALE, seed=6)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="already holds seed=5"):
         generate(tmp_path, START, 1, scale=0.01, seed=5)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="precedes this landing root's world epoch 2026-11-01"):
         generate(tmp_path, START - dt.timedelta(days=1), 1, scale=SCALE, seed=5)
-    with pytest.raises(ValueError):
-        generate(tmp_path / "x", START, 0, scale=SCALE)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--days", "0"], "--days must be >= 1, got 0"),
+    (["--scale", "-1"], "--scale must be > 0, got -1.0"),
+    (["--scale", "nan"], "--scale must be > 0, got nan"),
+    (["--seed", "-3"], "--seed must be >= 0, got -3"),
+])
+def test_bad_generate_settings_are_exit_2_and_write_nothing(tmp_path: Path, capsys, args: list[str], says: str) -> None:
+    from streamrank.cli import main
+
+    landing = tmp_path / "landing"
+    assert main(["generate", "--start", str(START), "--set", f"landing.root={landing}", *args]) == 2
+    assert capsys.readouterr().err.strip() == f"streamrank generate: error: {says}"
+    assert not landing.exists()
 
 
 # ---------------------------------------------------------------------------------------
