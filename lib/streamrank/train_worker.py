@@ -40,10 +40,10 @@ import collections
 import contextlib
 import copy
 import json
-import logging
 import math
 import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -59,8 +59,6 @@ from streamrank.model import (
     batch_to_tensors,
     fit_platt,
 )
-
-log = logging.getLogger(__name__)
 
 FEATURE_COLUMNS = (
     "hist_product", "hist_category", "hist_event", "hist_dwell", "hist_dt", "hist_len", "hist_host", "hist_hour",
@@ -691,6 +689,16 @@ def _batches(loader: Any, dist_: _Dist) -> Iterator[dict[str, Any]]:
         yield raw
 
 
+def epoch_line(record: Mapping[str, Any], k: int, max_epochs: int) -> str:
+    """One line per epoch for the stage's output: what early stopping decides on, and speed."""
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    return (f"[train] epoch {record['epoch'] + 1}/{max_epochs}: {record['train_rows']} rows in "
+            f"{record['train_seconds']:.1f} s ({record['samples_per_s'] or 0:.0f} rows/s), loss "
+            f"{record['train_loss']:.4f}, valid ndcg@{k} {fmt(record.get(f'ndcg_at_{k}'))}, "
+            f"intent auc {fmt(record.get('intent_auc'))}")
+
 def train_worker(files: list[str], conf: dict, out_dir: str) -> dict:
     """Train on the ``train`` rows of ``files``, early-stop on ``valid`` NDCG@k, write outputs.
 
@@ -752,6 +760,10 @@ def train_worker(files: list[str], conf: dict, out_dir: str) -> dict:
         max_steps = tc["max_steps_per_epoch"]
         inject_at = tc["inject_nan_at_step"]
         show = bool(tc["progress"]) and dist_.rank == 0
+        # A bar redraws itself with carriage returns: on a terminal that is a bar, in a
+        # scheduler's log file it is one line thousands of characters long. There the
+        # per-epoch line below is the progress report.
+        show_bar = show and sys.stderr.isatty()
 
         epochs: list[dict[str, Any]] = []
         best: dict[str, Any] = {"epoch": None, "score": -math.inf, "state": None, "eval": None}
@@ -766,7 +778,7 @@ def train_worker(files: list[str], conf: dict, out_dir: str) -> dict:
             t0 = time.perf_counter()
             loader = make_loader(files, "train", batch_size, seed=seed + epoch, shuffle=True, workers=workers,
                                  shuffle_buffer=int(tc["shuffle_buffer"]), **shard)
-            with loader, tqdm(desc=f"train epoch {epoch}", unit="row", unit_scale=True, disable=not show,
+            with loader, tqdm(desc=f"train epoch {epoch}", unit="row", unit_scale=True, disable=not show_bar,
                               leave=False, mininterval=1.0) as bar:
                 for raw in _batches(loader, dist_):
                     b = batch_to_tensors(raw, device)
@@ -823,9 +835,8 @@ def train_worker(files: list[str], conf: dict, out_dir: str) -> dict:
                 **ev,
             }
             epochs.append(record)
-            if dist_.rank == 0:
-                log.info("epoch %d: loss %.4f ndcg@%d %s auc %s %.0f rows/s", epoch, record["train_loss"], k,
-                         record[f"ndcg_at_{k}"], record["intent_auc"], record["samples_per_s"] or 0)
+            if show:
+                print(epoch_line(record, k, int(tc["max_epochs"])), flush=True)
             score = ev[f"ndcg_at_{k}"]
             score = -record["train_loss"] if score is None else score  # no valid targets: use train loss
             if score > best["score"]:

@@ -174,6 +174,19 @@ def test_other_eval_protocols(data, tmp_path, protocol):
     assert 0.0 <= metrics["ndcg_at_10"] <= metrics["hr_at_10"] <= 1.0
 
 
+def test_progress_in_a_log_file_is_one_line_per_epoch(data, tmp_path, capsys):
+    """Not a terminal (a scheduler's log): no carriage-return bar, one line per epoch."""
+    conf = small_conf(data["vocab_path"], max_epochs=2, patience=5, max_steps_per_epoch=3, progress=True)
+    metrics = train_worker(data["files"], conf, str(tmp_path))
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "train epoch" not in captured.err
+    lines = [line for line in captured.out.splitlines() if line.startswith("[train] epoch")]
+    assert len(lines) == 2
+    for epoch, line in zip(metrics["epochs"], lines, strict=True):
+        assert line.startswith(f"[train] epoch {epoch['epoch'] + 1}/2: {epoch['train_rows']} rows in ")
+        assert f"valid ndcg@10 {epoch['ndcg_at_10']:.4f}, intent auc {epoch['intent_auc']:.4f}" in line
+
+
 def test_nan_loss_stops_immediately(data, tmp_path):
     conf = small_conf(data["vocab_path"], inject_nan_at_step=3)
     with pytest.raises(NonFiniteLossError) as err:
