@@ -288,7 +288,7 @@ def test_the_readmes_sql_examples_answer_on_a_nightly_warehouse(world, capsys):
     examples = re.findall(r'\.venv/bin/streamrank sql "(.*?)"(?: --as-of-version (\S+))?\n', readme, re.S)
     assert len(examples) >= 5, "the analyst section lost its examples"
     for query, pin in examples:
-        query = query.replace("2026-11-08", str(D4)).replace("v0000042", viewer)
+        query = query.replace("2026-11-08", str(D4)).replace("v0000001", viewer)
         pin = re.sub(r"=\d+$", f"={rankings.version()}", pin)
         assert run_sql(ctx, query, as_of_version=[pin] if pin else None) == 0
         lines = capsys.readouterr().out.splitlines()
