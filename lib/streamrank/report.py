@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import html
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from pyspark.sql import DataFrame  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
@@ -49,6 +51,20 @@ def _save(fig: plt.Figure, out: Path, name: str) -> str:
     fig.savefig(out / name, dpi=90)
     plt.close(fig)
     return f'<img src="{name}" alt="{html.escape(name)}">'
+
+
+def _date_axis(ax: plt.Axes, fig: plt.Figure, first: dt.date, last: dt.date) -> None:
+    """Ticks on whole days from first to last, labelled MM-DD (with the year where the range
+    crosses one), at most about 15 of them.
+
+    matplotlib's own choice puts ticks at 00:00 and 12:00 of each day, and pads a single
+    day out to years either side.
+    """
+    half_day = dt.timedelta(hours=12)
+    ax.set_xlim(dt.datetime.combine(first, dt.time()) - half_day, dt.datetime.combine(last, dt.time()) + half_day)
+    ax.xaxis.set_major_locator(mdates.DayLocator(interval=max(1, math.ceil(((last - first).days + 1) / 15))))
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d" if first.year == last.year else "%Y-%m-%d"))
+    fig.autofmt_xdate()
 
 
 def _empty(text: str) -> str:
@@ -97,9 +113,12 @@ def build_report(ctx: Context, date: dt.date) -> Path:
             days = sorted(per_day)
             ax.plot(days, [per_day[d] for d in days], marker="o", label=name)
     ax.set_title("Rows per layer and day")
-    ax.set_ylabel("rows")
+    # log scale: a night's rankings (viewers x top K) outnumber its events by 10x or more,
+    # and on a linear axis they flatten every other layer's line
+    ax.set_yscale("log")
+    ax.set_ylabel("rows (log scale)")
     ax.legend(fontsize=7)
-    fig.autofmt_xdate()
+    _date_axis(ax, fig, since, since + dt.timedelta(days=14))
     days = [since + dt.timedelta(days=i) for i in range(15)]  # the last column is D+1: tomorrow's rankings
     table_rows = [(name, *(counts[name].get(d, "") for d in days)) for name, _ in LAYERS]
     sections.append("<h2>Rows per layer and day</h2>" + _save(fig, out, "rows_per_day.png")
@@ -139,7 +158,7 @@ def build_report(ctx: Context, date: dt.date) -> Path:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=cand)
             ax.set_title(metric)
             ax.legend(fontsize=7)
-        fig.autofmt_xdate()
+            _date_axis(ax, fig, ev_rows[0].run_date, ev_rows[-1].run_date)
         latest = [r for r in ev_rows if r.run_date == date]
         sections.append("<h2>Model metrics</h2>" + _save(fig, out, "model_metrics.png")
                         + _table(["candidate", "metric", "value"], [(r.candidate, r.metric, f"{r.value:.4f}") for r in latest]))
