@@ -18,6 +18,19 @@ from streamrank.config import REPO_ROOT, Config
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 
+#: What a person browsing the registry (MLflow UI) reads first about the model.
+MODEL_DESCRIPTION = (
+    "streamrank's attention model for live-stream commerce. From a viewer's last behaviour events, "
+    "purchase power and the products of tomorrow's streams it gives a ranking score and a purchase "
+    "probability per (viewer, candidate) and the viewer's intent to buy (an MLflow pyfunc: a pandas "
+    "DataFrame of histories and candidates in, scores and probabilities out; see each version's "
+    "signature and input example).\n\n"
+    f"Aliases: `{CHAMPION}` is what `streamrank score` serves, `{CHALLENGER}` the latest trained "
+    f"version, `{PREVIOUS}` the champion before the last promotion. Move them with `streamrank promote` "
+    "(the gate against the champion and most-popular, or `--version N --force --reason TEXT`, or "
+    "`--rollback`), which records each decision in the version's gate.* and promoted_* tags."
+)
+
 
 def setup_mlflow(cfg: Config) -> str:
     """Point MLflow at the configured stores and return the experiment id."""
@@ -93,6 +106,19 @@ def tag_version(cfg: Config, version: str, tags: dict[str, Any]) -> None:
     c = client(cfg)
     for key, value in tags.items():
         c.set_model_version_tag(cfg["mlflow.model_name"], str(version), key, str(value))
+
+
+def describe_version(cfg: Config, version: str, text: str) -> None:
+    """Set a version's description, and the registered model's where it has none yet.
+
+    Tags hold the machine-readable facts; the descriptions are what the MLflow UI shows a
+    person deciding on a promotion.
+    """
+    c = client(cfg)
+    name = cfg["mlflow.model_name"]
+    c.update_model_version(name, str(version), description=text)
+    if not c.get_registered_model(name).description:
+        c.update_registered_model(name, description=MODEL_DESCRIPTION)
 
 
 def git_commit() -> str:

@@ -24,7 +24,7 @@ from pyspark.sql import functions as F
 
 from streamrank.context import Context, stage_run
 from streamrank.errors import InsufficientHistoryError, MissingInputError, StreamrankError
-from streamrank.registry import CHALLENGER, git_commit, set_alias, setup_mlflow, tag_version
+from streamrank.registry import CHALLENGER, describe_version, git_commit, set_alias, setup_mlflow, tag_version
 
 TRAINING_TABLE = "gold/training_examples"
 
@@ -153,13 +153,35 @@ def train(ctx: Context, date: dt.date) -> dict[str, Any]:
                 set_alias(ctx.cfg, CHALLENGER, model_version)
                 tag_version(ctx.cfg, model_version, {"as_of_date": date, "training_table_version": version,
                                                      "git_commit": git_commit(), "streamrank_run_id": ctx.run_id})
+                describe_version(ctx.cfg, model_version, version_description(date, version, model_version, splits, metrics))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         keep = ("ndcg_at_10", "hr_at_10", "intent_auc", "samples_per_s", "best_epoch")
         run.metrics.update({k: round(metrics[k], 4) if isinstance(metrics.get(k), float) else metrics.get(k) for k in keep})
         run.metrics["model_version"] = model_version
         run.message = f"registered {ctx.cfg['mlflow.model_name']} v{model_version} as {CHALLENGER}"
-        return {**metrics, "model_version": model_version, "mlflow_run_id": run.mlflow_run_id, "training_table_version": version}
+        return {**metrics, "model_version": model_version, "mlflow_run_id": run.mlflow_run_id, "training_table_version": version,
+                "split_rows": splits}
+
+
+def version_description(date: dt.date, table_version: int, model_version: str, splits: dict[str, int],
+                        metrics: dict[str, Any]) -> str:
+    """The registry's description of a trained version: its data, its validation figures, its next step."""
+    def fig(key: str) -> str:
+        value = metrics.get(key)
+        return "n/a" if not isinstance(value, (int, float)) else f"{value:.4f}"
+
+    best = metrics.get("best_epoch")
+    return (
+        f"Trained by `streamrank train --date {date}` on {TRAINING_TABLE} version {table_version} "
+        f"({splits.get('train', 0)} train and {splits.get('valid', 0)} validation rows; code {git_commit()[:12]}). "
+        f"Validation on the {date - dt.timedelta(days=1)} -> {date} window: NDCG@10 {fig('ndcg_at_10')}, HR@10 {fig('hr_at_10')}, "
+        f"intent AUC {fig('intent_auc')}; best of {len(metrics.get('epochs', []))} epochs: "
+        f"{'n/a' if best is None else int(best) + 1}.\n\n"
+        f"`streamrank evaluate --date {date}` scores it on the held-out test rows beside the champion and the "
+        f"baselines; `streamrank promote --date {date}` then applies the gate, or `streamrank promote "
+        f"--version {model_version} --force --reason TEXT` promotes it by hand."
+    )
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:

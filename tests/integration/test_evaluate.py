@@ -216,6 +216,27 @@ def test_challenger_figures_match_the_training_protocol(world, tmp_path):
     assert got["ndcg_at_5"] <= got["ndcg_at_10"] <= got["ndcg_at_20"]
 
 
+def test_the_registry_says_what_each_version_is(world):
+    """What a person deciding on a promotion reads in the MLflow UI: the model's description
+    once, and each version's data, validation figures and next command."""
+    conf, trained = world["conf"], world["challenger"]
+    c = client(conf)
+    name = conf["mlflow.model_name"]
+    assert "`champion` is what `streamrank score` serves" in c.get_registered_model(name).description
+    mv = c.get_model_version(name, trained["model_version"])
+    assert mv.description.startswith(
+        f"Trained by `streamrank train --date {D}` on gold/training_examples version {trained['training_table_version']} "
+        f"({trained['split_rows']['train']} train and {trained['split_rows']['valid']} validation rows; code ")
+    figures = (f"NDCG@10 {trained['ndcg_at_10']:.4f}, HR@10 {trained['hr_at_10']:.4f}, intent AUC "
+               f"{trained['intent_auc']:.4f}; best of {len(trained['epochs'])} epochs: {trained['best_epoch'] + 1}.")
+    assert figures in mv.description
+    assert f"`streamrank promote --version {trained['model_version']} --force --reason TEXT`" in mv.description
+    assert mv.tags["as_of_date"] == str(D) and mv.tags["training_table_version"] == str(trained["training_table_version"])
+    # the champion, trained first, has its own
+    champion = c.get_model_version(name, world["champion"]["model_version"])
+    assert champion.description.startswith(f"Trained by `streamrank train --date {D1}`")
+
+
 def test_served_figures_are_the_bf16_scoring(world, tmp_path):
     """score.precision = bf16: served_* are the challenger scored as the score stage serves it;
     the float32 figures (the training protocol's) are untouched and the loaded model stays float32."""
