@@ -1335,8 +1335,9 @@ def generate(landing_root: Path | str, start: dt.date, days: int, scale: float =
     every generated day plus the day after the last one, and ``_ledger/ledger.json``
     (merged with earlier calls, keyed by date). A landing root holds one world: the seed
     and scale must match earlier calls and ``start`` must not precede its epoch (raises
-    UsageError, exit 2, like a bad --days, --scale or --seed). Days between the epoch and ``start`` that have no saved state are
-    simulated (not written) first, so every date's bytes are the same whatever the calls.
+    UsageError, exit 2, like a bad --days, --scale or --seed). Days between the epoch and
+    ``start`` that have no saved state are simulated (not written) first, so every date's
+    bytes are the same whatever the calls.
     """
     root = Path(landing_root)
     if isinstance(start, str):

@@ -699,6 +699,7 @@ def epoch_line(record: Mapping[str, Any], k: int, max_epochs: int) -> str:
             f"{record['train_loss']:.4f}, valid ndcg@{k} {fmt(record.get(f'ndcg_at_{k}'))}, "
             f"intent auc {fmt(record.get('intent_auc'))}")
 
+
 def train_worker(files: list[str], conf: dict, out_dir: str) -> dict:
     """Train on the ``train`` rows of ``files``, early-stop on ``valid`` NDCG@k, write outputs.
 
