@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retention-hours", type=float, metavar="H",
                    help="keep files a snapshot of the last H hours needs (default delta.vacuum_retention_hours, 168)")
     p.add_argument("--no-optimize", action="store_true", help="vacuum only, no compaction")
-    p.add_argument("--dry-run", action="store_true", help="list what would be deleted; change nothing")
+    p.add_argument("--dry-run", action="store_true", help="list what would be compacted and deleted; change nothing")
     p.add_argument("--force", action="store_true", help="allow a retention below 168 hours")
 
     p = add("import-interactions", _stage("loo", "run_import"),

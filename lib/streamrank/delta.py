@@ -615,6 +615,24 @@ class DeltaTable:
             custom_metadata=_commit_metadata(commit_info, "RESTORE"), max_commit_retries=50))
         return deltalake.DeltaTable(self.uri).version()
 
+    def compaction_plan(self, target_size: int | None = None) -> dict[tuple[str | None, ...], int]:
+        """Partition values -> files `optimize` on the rs engine would rewrite there: files below
+        the target size (`delta.targetFileSize`, else delta-rs's 100 MiB), in partitions that
+        hold two or more of them (a lone small file has nothing to be packed with).
+
+        delta-rs's compaction has no dry run of its own; `maintain --dry-run` reports this.
+        """
+        self._require()
+        snapshot = self._snapshot()
+        target = target_size or int((snapshot.metadata().configuration or {}).get("delta.targetFileSize", RS_TARGET_FILE_SIZE))
+        actions = _add_actions(snapshot)
+        small: dict[tuple[str | None, ...], int] = {}
+        for i, size in enumerate(actions.get("size_bytes", [])):
+            if size < target:
+                key = tuple(_to_text(actions[f"partition.{c}"][i]) for c in self.spec.partition_by)
+                small[key] = small.get(key, 0) + 1
+        return {key: n for key, n in small.items() if n > 1}
+
     def optimize(self, target_size: int | None = None, *, commit_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Compact small files (bin-packing) in one commit; data and version history are kept.
 
@@ -930,6 +948,10 @@ class DeltaTable:
             self._check_guard(deltalake.DeltaTable(self.uri), guard)
         writer.save(self.uri)
         return CommitResult(self.version() or 0, -1, -1, -1)
+
+
+#: delta-rs's compaction target where the table sets no delta.targetFileSize (100 MiB)
+RS_TARGET_FILE_SIZE = 104_857_600
 
 
 def _add_actions(snapshot: deltalake.DeltaTable) -> dict[str, list[Any]]:

@@ -63,7 +63,10 @@ def check_retention(retention_hours: float, force: bool) -> None:
 
 def maintain(ctx: Context, retention_hours: float | None = None, *, optimize: bool = True, dry_run: bool = False,
              force: bool = False, tables: list[str] | None = None) -> list[TableUpkeep]:
-    """Compact (unless `optimize` is False or `dry_run`) and vacuum every table; one result per table.
+    """Compact (unless `optimize` is False) and vacuum every table; one result per table.
+
+    A dry run changes nothing: it reports the files compaction would rewrite
+    (`DeltaTable.compaction_plan`) and the files vacuum would delete.
 
     A table that fails is reported and the others are still done; the stage then fails
     (exit 1) naming each failed table.
@@ -81,7 +84,7 @@ def maintain(ctx: Context, retention_hours: float | None = None, *, optimize: bo
             table = ctx.table(name)  # the context creates any missing table first
             version = table.version()
             try:
-                done.append(_upkeep(table, name, hours, optimize and not dry_run, dry_run, ctx.run_id))
+                done.append(_upkeep(table, name, hours, optimize, dry_run, ctx.run_id))
             except Exception as exc:  # noqa: BLE001 - one table's failure must not stop the others' upkeep
                 failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 continue
@@ -94,9 +97,10 @@ def maintain(ctx: Context, retention_hours: float | None = None, *, optimize: bo
         })
         for t in done:
             if t.changed():
+                packed = (f"would compact {t.files_compacted} files in {t.files_written} partitions" if dry_run
+                          else f"compacted {t.files_compacted} files into {t.files_written}")
                 verb = "would delete" if dry_run else "deleted"
-                print(f"[maintain] {t.table}: compacted {t.files_compacted} files into {t.files_written};"
-                      f" {verb} {t.files_vacuumed} files ({t.bytes_vacuumed / 2**20:.1f} MiB)")
+                print(f"[maintain] {t.table}: {packed}; {verb} {t.files_vacuumed} files ({t.bytes_vacuumed / 2**20:.1f} MiB)")
         if failed:
             run.metrics["failed"] = failed
             raise StreamrankError("maintain failed for " + "; ".join(f"{n}: {m}" for n, m in failed.items()))
@@ -106,7 +110,10 @@ def maintain(ctx: Context, retention_hours: float | None = None, *, optimize: bo
 
 def _upkeep(table: Any, name: str, hours: float, optimize: bool, dry_run: bool, run_id: str) -> TableUpkeep:
     compacted = written = 0
-    if optimize:
+    if optimize and dry_run:  # what compaction would rewrite: at least one new file per partition
+        plan = table.compaction_plan()
+        compacted, written = sum(plan.values()), len(plan)
+    elif optimize:
         stats = table.optimize(commit_info={"stage": STAGE, "run_id": run_id})
         compacted, written = int(stats.get("numFilesRemoved", 0) or 0), int(stats.get("numFilesAdded", 0) or 0)
     # sizes first: in a real run the files are gone afterwards
