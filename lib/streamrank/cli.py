@@ -99,11 +99,17 @@ def _stage(module: str, func: str = "run") -> Handler:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamrank", description="Nightly batch ML for live-stream commerce.")
+    # --conf/--set are accepted before the command too (`streamrank --conf prod.yaml nightly ...`), as
+    # schedulers and shell aliases put them; given in both places, the command's --conf wins and the
+    # --set lists are applied in order, the ones before the command first.
+    parser.add_argument("--conf", dest="global_conf", metavar="CONF", help="YAML config (default conf/local.yaml)")
+    parser.add_argument("--set", dest="global_set", action="append", metavar="KEY=VALUE",
+                        help="override a config key (repeatable)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Handler, help_: str, date: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--conf", default=str(DEFAULT_CONF), help="YAML config (default conf/local.yaml)")
+        p.add_argument("--conf", help="YAML config (default conf/local.yaml)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
         if date:
             p.add_argument("--date", required=True, type=_date, help="the business date D, YYYY-MM-DD")
@@ -205,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = vars(args)
+    args.conf = given.get("conf") or given.get("global_conf") or str(DEFAULT_CONF)
+    args.set = (given.get("global_set") or []) + (given.get("set") or [])
     try:
         return int(args.handler(args) or 0)
     except StreamrankError as exc:

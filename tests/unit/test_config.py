@@ -105,6 +105,29 @@ def test_cli_exit_2_names_the_key(capsys):
     assert "unknown config key 'warehouse.rot'" in capsys.readouterr().err
 
 
+DEFAULT = str(Path(__file__).resolve().parents[2] / "conf" / "local.yaml")
+
+
+@pytest.mark.parametrize(("argv", "conf", "sets"), [
+    (["--conf", "a.yaml", "--set", "x=1", "clean", "--date", "2026-11-01"], "a.yaml", ["x=1"]),
+    (["clean", "--conf", "a.yaml", "--set", "x=1", "--date", "2026-11-01"], "a.yaml", ["x=1"]),
+    (["--conf", "a.yaml", "--set", "x=1", "clean", "--conf", "b.yaml", "--set", "y=2", "--date", "2026-11-01"],
+     "b.yaml", ["x=1", "y=2"]),
+    (["clean", "--date", "2026-11-01"], DEFAULT, []),
+])
+def test_conf_and_set_count_before_the_command_too(argv, conf, sets, monkeypatch, capsys):
+    seen = []
+
+    def load(path, overrides):
+        seen.append((str(path), list(overrides)))
+        raise ConfigError("loaded")
+
+    monkeypatch.setattr("streamrank.config.load_config", load)
+    assert main(argv) == 2
+    assert seen == [(conf, sets)]
+    assert "streamrank clean: error: loaded" in capsys.readouterr().err
+
+
 def test_cli_malformed_date_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "--start", "2026-13-01"])
