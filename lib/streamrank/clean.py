@@ -555,19 +555,13 @@ def trailing_median_rows(ctx: Context, day: dt.date, days: int = 7) -> float | N
     """Median silver rows of the last `days` ingest dates before D, from ops/job_runs.
 
     The latest successful clean run per date counts (re-runs replace their partition).
-    Read through delta-rs and pyarrow, and only the run_date partitions of those days: a
-    few dozen rows, not worth a Spark job, and not the table's whole history either.
     """
-    table = ctx.table("ops/job_runs")
-    if not table.exists():
-        return None
-    lo = day - dt.timedelta(days=days)
+    from streamrank.context import successful_runs
+
     latest: dict[dt.date, tuple[dt.datetime, int]] = {}
-    window = [lo + dt.timedelta(days=i) for i in range(days)]
-    for r in table.to_arrow(partitions={"run_date": window}).to_pylist():
-        run_date = r.get("run_date")
-        if r.get("stage") != STAGE or r.get("status") != "success" or run_date is None or not lo <= run_date < day:
-            continue
+    window = [day - dt.timedelta(days=days - i) for i in range(days)]
+    for r in successful_runs(ctx, STAGE, window):
+        run_date = r["run_date"]
         try:
             n = json.loads(r.get("metrics") or "{}").get("silver_rows")
         except json.JSONDecodeError:

@@ -93,6 +93,21 @@ def _summary(run: StageRun, status: str, seconds: float) -> str:
     return " | ".join(p for p in parts if p)
 
 
+def successful_runs(ctx: Context, stage: str, days: list[dt.date]) -> list[dict[str, Any]]:
+    """ops/job_runs rows of `stage` that succeeded on those run dates.
+
+    Read through delta-rs and pyarrow, and only those run_date partitions: a few dozen
+    rows, not worth a Spark job, and not the table's whole history either. A warehouse
+    that never recorded a run (no ops/job_runs yet) has none.
+    """
+    table = ctx.table("ops/job_runs")
+    if not table.exists():
+        return []
+    wanted = set(days)
+    return [r for r in table.to_arrow(partitions={"run_date": sorted(wanted)}).to_pylist()
+            if r.get("stage") == stage and r.get("status") == "success" and r.get("run_date") in wanted]
+
+
 @contextmanager
 def stage_run(ctx: Context, stage: str, run_date: dt.date) -> Iterator[StageRun]:
     """Record a stage in ops/job_runs and print its summary line, on success and on failure."""

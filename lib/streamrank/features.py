@@ -19,6 +19,12 @@ Why it is built the way it is:
   attention reads the newest event at the last position; target arrays are right-padded.
 - Every output is replaced for its as_of_date partition in one commit, so a re-run for
   the same date leaves identical tables.
+- A day of the window that clean never published (a night that was skipped and not
+  backfilled: no successful clean run in ops/job_runs) is a gap, not a quiet day: the few
+  late rows of it that the next ingest brings would make the targets of the cutoff before
+  it look like "bought nothing". Training cutoffs whose target day is a gap are left out
+  (their labels are unknown, not 0) and the stage warns with the days to backfill;
+  histories across a gap are simply shorter.
 
 Definitions (all times UTC; a "window before c" is [c - N days, c)):
 
@@ -60,7 +66,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from streamrank.config import Config, parse_date
-from streamrank.context import Context, StageRun, stage_run
+from streamrank.context import Context, StageRun, stage_run, successful_runs
 from streamrank.errors import ConfigError, MissingInputError
 from streamrank.publish import StagedTables
 
@@ -182,6 +188,41 @@ def training_cutoffs(as_of: dt.date, params: FeatureParams) -> list[tuple[int, s
             elif c + DAY_US <= valid_us:
                 out.append((c, "train"))
     return out
+
+
+def ingest_gaps(cleaned: set[dt.date], lo: dt.date, hi: dt.date) -> list[dt.date]:
+    """Days from the first cleaned day in [lo, hi] up to hi that clean did not publish.
+
+    Days before the first cleaned one are where the warehouse starts, not gaps; a
+    warehouse with no clean runs recorded at all (silver loaded some other way) has none.
+    """
+    days = {d for d in cleaned if lo <= d <= hi}
+    if not days:
+        return []
+    first = min(days)
+    every = (first + dt.timedelta(days=n) for n in range((hi - first).days + 1))
+    return [d for d in every if d not in days]
+
+
+def cutoffs_clear_of(cuts: list[tuple[int, str]], gaps: list[dt.date]) -> tuple[list[tuple[int, str]], list[int]]:
+    """(kept, left out): a cutoff is left out when its target window [c, c + 1 day) touches a gap day."""
+    spans = [(_midnight_us(g), _midnight_us(g) + DAY_US) for g in gaps]
+    kept, left_out = [], []
+    for c, split in cuts:
+        touches = any(c < end and c + DAY_US > start for start, end in spans)
+        (left_out.append(c) if touches else kept.append((c, split)))
+    return kept, left_out
+
+
+def day_ranges(days: list[dt.date]) -> str:
+    """'2026-10-26..2026-11-01, 2026-11-03': sorted days as runs of consecutive days."""
+    runs: list[list[dt.date]] = []
+    for d in sorted(days):
+        if runs and d - runs[-1][-1] == dt.timedelta(days=1):
+            runs[-1].append(d)
+        else:
+            runs.append([d])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}..{r[-1]}" for r in runs)
 
 
 def silver_window(as_of: dt.date, params: FeatureParams) -> tuple[dt.date, dt.date]:
@@ -661,6 +702,9 @@ def build_features(ctx: Context, date: dt.date) -> dict[str, Any]:
         if silver.filter(F.col("event_date") == F.lit(date)).limit(1).count() == 0:
             raise MissingInputError(
                 f"{SILVER}: no rows for event_date {date} in the window [{lo}, {hi}] (run clean for {date} first)")
+        window = [lo + dt.timedelta(days=n) for n in range((hi - lo).days + 1)]
+        cleaned = {r["run_date"] for r in successful_runs(ctx, "clean", window)} | {date}  # D's rows: just seen
+        gaps = ingest_gaps(cleaned, lo, hi)
 
         catalog, snap = _catalog_snapshot(ctx, date, run)
         catalog = catalog.persist(StorageLevel.MEMORY_AND_DISK)
@@ -669,7 +713,12 @@ def build_features(ctx: Context, date: dt.date) -> dict[str, Any]:
         hosts = host_lookup(vocab).persist(StorageLevel.MEMORY_AND_DISK)
         thresholds = price_thresholds(catalog)
 
-        train_cuts = training_cutoffs(date, params)
+        train_cuts, left_out = cutoffs_clear_of(training_cutoffs(date, params), gaps)
+        if gaps:
+            log.warning("features %s: clean has not published %s (no successful clean run in ops/job_runs); "
+                        "%d training cutoff(s) whose target day is missing are left out, histories across the gap "
+                        "are shorter. Backfill: `streamrank ingest --date X` and `streamrank clean --date X` for each "
+                        "day, then features again", date, day_ranges(gaps), len(left_out))
         serve_cut = feature_cutoff_us(date)
         all_cuts = [c for c, _ in train_cuts] + [serve_cut]
         ts_lo = min(all_cuts) - params.lookback_days * DAY_US
@@ -729,6 +778,7 @@ def build_features(ctx: Context, date: dt.date) -> dict[str, Any]:
             "purchase_rate": round(buyers / max(1, n_train + n_valid + n_test), 4),
             "catalog_snapshot": str(snap), "cutoffs": len(train_cuts),
             "cutoffs_without_schedule": len(missing_sched), "silver_window": f"{lo}..{hi}",
+            "days_not_cleaned": len(gaps), "cutoffs_left_out": len(left_out),
         })
         return dict(run.metrics, versions_read=dict(run.versions_read), versions_written=dict(run.versions_written))
 

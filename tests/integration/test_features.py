@@ -29,7 +29,18 @@ from pyspark.sql import functions as F
 from streamrank.context import Context
 from streamrank.delta import Warehouse
 from streamrank.errors import MissingInputError
-from streamrank.features import EVENT_TYPES, build_features, dwell_bucket, is_test_viewer
+from streamrank.features import (
+    EVENT_TYPES,
+    FeatureParams,
+    build_features,
+    cutoffs_clear_of,
+    day_ranges,
+    dwell_bucket,
+    feature_cutoff_us,
+    ingest_gaps,
+    is_test_viewer,
+    training_cutoffs,
+)
 from streamrank.schemas import table_spec
 
 D = dt.date(2026, 11, 8)
@@ -365,3 +376,42 @@ def test_missing_catalog_is_exit_5(spark, conf):
         spark.createDataFrame(world.rows, table_spec("silver/viewer_events").schema))
     with pytest.raises(MissingInputError, match="bronze/products"):
         build_features(Context(conf), D)
+
+
+def test_gap_helpers():
+    d = dt.date
+    cleaned = {d(2026, 11, 2), d(2026, 11, 3), d(2026, 11, 5), d(2026, 11, 8)}
+    # days before the first cleaned one are the warehouse's start, not gaps
+    assert ingest_gaps(cleaned, d(2026, 10, 1), d(2026, 11, 8)) == [d(2026, 11, 4), d(2026, 11, 6), d(2026, 11, 7)]
+    assert ingest_gaps(set(), d(2026, 10, 1), d(2026, 11, 8)) == []
+    assert day_ranges([d(2026, 11, 7), d(2026, 11, 4), d(2026, 11, 6)]) == "2026-11-04, 2026-11-06..2026-11-07"
+    params = FeatureParams(train_days=3, cutoffs_per_day=2)
+    cuts = training_cutoffs(d(2026, 11, 8), params)
+    kept, left_out = cutoffs_clear_of(cuts, [d(2026, 11, 6)])
+    # a cutoff is left out when any part of the day after it falls on 11-06
+    hours = lambda c: (c - feature_cutoff_us(d(2026, 11, 4))) // 3_600_000_000  # noqa: E731 - hours after 11-05 00:00
+    assert [hours(c) for c in left_out] == [12, 24, 36]
+    assert [hours(c) for c, _ in kept] == [48, 72]  # 11-07 12:00 is not a cutoff: its day overlaps validation
+    assert [s for _, s in kept] == ["train", "valid"]
+
+
+def test_a_day_clean_never_published_leaves_its_cutoff_out(world, spark, base_conf, tmp_path, caplog):
+    """Nightly skipped 11-06 (no clean run for it): the cutoff whose targets are 11-06 is left
+    out instead of training on false "bought nothing" labels; every other row is as before."""
+    conf = base_conf.with_overrides({"warehouse.root": str(tmp_path / "warehouse"), "landing.root": str(tmp_path / "landing")})
+    load(spark, conf)
+    ctx = Context(conf)
+    ran = [dt.date(2026, 11, day) for day in (2, 3, 4, 5, 7)]
+    ctx.table("ops/job_runs").append_rows(
+        [{"run_id": "clean-1", "stage": "clean", "status": "success", "exit_code": 0, "run_date": d} for d in ran]
+        + [{"run_id": "clean-2", "stage": "clean", "status": "failed", "exit_code": 3, "run_date": dt.date(2026, 11, 6)}])
+    with caplog.at_level("WARNING", logger="streamrank.features"):
+        result = build_features(ctx, D)
+    assert "clean has not published 2026-11-06" in caplog.text and "streamrank clean --date X" in caplog.text
+    assert (result["days_not_cleaned"], result["cutoffs_left_out"], result["cutoffs"]) == (1, 1, 5)
+
+    gap_cut = dt.datetime(2026, 11, 6, tzinfo=UTC)
+    full = [r for r in world["snap"]["gold/training_examples"] if r[1].astimezone(UTC) != gap_cut]
+    assert len(full) == len(world["snap"]["gold/training_examples"]) - 3  # va, vb and ve had rows at that cutoff
+    assert snapshot(ctx)["gold/training_examples"] == full
+    assert result["train_rows"] == world["result"]["train_rows"] - 3
