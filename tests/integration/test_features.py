@@ -409,6 +409,10 @@ def test_a_day_clean_never_published_leaves_its_cutoff_out(world, spark, base_co
         result = build_features(ctx, D)
     assert "clean has not published 2026-11-06" in caplog.text and "streamrank clean --date X" in caplog.text
     assert (result["days_not_cleaned"], result["cutoffs_left_out"], result["cutoffs"]) == (1, 1, 5)
+    recorded = ctx.table("ops/job_runs").to_arrow(partitions={"run_date": D}).to_pylist()
+    assert [r["message"] for r in recorded if r["stage"] == "features"] == [
+        "not cleaned: 2026-11-06 (1 training cutoff(s) left out); backfill with ingest and clean for those dates, "
+        "then features again"]
 
     gap_cut = dt.datetime(2026, 11, 6, tzinfo=UTC)
     full = [r for r in world["snap"]["gold/training_examples"] if r[1].astimezone(UTC) != gap_cut]
