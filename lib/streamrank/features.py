@@ -715,13 +715,14 @@ def build_features(ctx: Context, date: dt.date) -> dict[str, Any]:
 
         train_cuts, left_out = cutoffs_clear_of(training_cutoffs(date, params), gaps)
         if gaps:
+            redo = f"`streamrank nightly --date {date} --from features`"
             log.warning("features %s: clean has not published %s (no successful clean run in ops/job_runs); "
                         "%d training cutoff(s) whose target day is missing are left out, histories across the gap "
                         "are shorter. Backfill: `streamrank ingest --date X` and `streamrank clean --date X` for each "
-                        "day, then features again", date, day_ranges(gaps), len(left_out))
+                        "of those days, then %s", date, day_ranges(gaps), len(left_out), redo)
             # on the summary line, in ops/job_runs and in the night's report, not only in the log
             run.message = (f"not cleaned: {day_ranges(gaps)} ({len(left_out)} training cutoff(s) left out); "
-                           "backfill with ingest and clean for those dates, then features again")
+                           f"backfill with ingest and clean for those dates, then {redo}")
         serve_cut = feature_cutoff_us(date)
         all_cuts = [c for c, _ in train_cuts] + [serve_cut]
         ts_lo = min(all_cuts) - params.lookback_days * DAY_US

@@ -412,7 +412,7 @@ def test_a_day_clean_never_published_leaves_its_cutoff_out(world, spark, base_co
     recorded = ctx.table("ops/job_runs").to_arrow(partitions={"run_date": D}).to_pylist()
     assert [r["message"] for r in recorded if r["stage"] == "features"] == [
         "not cleaned: 2026-11-06 (1 training cutoff(s) left out); backfill with ingest and clean for those dates, "
-        "then features again"]
+        "then `streamrank nightly --date 2026-11-08 --from features`"]
 
     gap_cut = dt.datetime(2026, 11, 6, tzinfo=UTC)
     full = [r for r in world["snap"]["gold/training_examples"] if r[1].astimezone(UTC) != gap_cut]
