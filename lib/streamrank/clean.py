@@ -4,9 +4,11 @@ Every bronze row of D ends in exactly one of three places, and the stage proves 
 it publishes (DESIGN section 9, "conserving"):
 
 - quarantine: the row has at least one reason code (all codes that apply are kept);
-- duplicate: the row is valid but its event_id is already in silver from an earlier
-  ingest date (within clean.dedup_lookback_days), or it is not the first valid copy of
-  its event_id today -- dropped and counted, never stored twice;
+- duplicate: the row is valid but its event_id is already in silver from another
+  ingest date within clean.dedup_lookback_days of D (before it: a replay; after it: a
+  backfill of a skipped day meets the replays of it that later days already published),
+  or it is not the first valid copy of its event_id today -- dropped and counted, never
+  stored twice;
 - silver: everything else, typed, with ip/device_id/comment_text dropped (data
   minimisation) and has_comment/comment_length derived in their place.
 
@@ -789,38 +791,44 @@ def _known_ids(ctx: Context, run: StageRun, day: dt.date) -> tuple[set[str], set
 
 
 def _prior_ids(silver_t: DeltaTable, version: int | None, day: dt.date, rules: CleanRules) -> DataFrame | None:
-    """event_ids in silver from the dedup_lookback_days ingest dates before D (never D itself).
+    """event_ids in silver from the ingest dates within dedup_lookback_days of D, before
+    and after it (never D itself).
 
     Excluding D is what keeps a re-run from deduplicating against its own earlier output.
-    The event_date bounds only prune partitions: a row of ingest date D-k has an
-    event_date between D-k-max_lateness and D-k+1.
+    Later dates matter when an earlier day is cleaned after them (a backfill): whichever
+    copy of an event silver published first stays, wherever it was ingested, so cleaning
+    days in any order, and re-running any of them, leaves each event in silver once. A
+    nightly in date order has no later dates, and no file of them is scanned. The
+    event_date bounds only prune partitions: a row of ingest date X has an event_date
+    between X - max_lateness_days and the end of X + future_tolerance_hours.
     """
     if not version or rules.dedup_lookback_days <= 0:
         return None
-    first = day - dt.timedelta(days=rules.dedup_lookback_days)
-    if not _may_hold_ingest_dates(silver_t, version, first, day - dt.timedelta(days=1)):
+    one, n = dt.timedelta(days=1), dt.timedelta(days=rules.dedup_lookback_days)
+    windows = _windows_held(silver_t, version, [(day - n, day - one), (day + one, day + n)])
+    if not windows:
         return None  # e.g. a warehouse's first day, or a re-run of it: no scan at all
+    first, last = windows[0][0], windows[-1][1]
     lo = first - dt.timedelta(days=rules.max_lateness_days + 1)
+    hi = (dt.datetime.combine(last, dt.time()) + dt.timedelta(days=1, hours=rules.future_tolerance_hours)).date()
     return (
         silver_t.read(version=version)
-        .filter(F.col("event_date").between(F.lit(lo), F.lit(day)))
-        .filter(F.col("ingest_date").between(F.lit(first), F.lit(day - dt.timedelta(days=1))))
+        .filter(F.col("event_date").between(F.lit(lo), F.lit(hi)))
+        .filter(F.col("ingest_date").between(F.lit(first), F.lit(last)) & (F.col("ingest_date") != F.lit(day)))
         .select("event_id")
     )
 
 
-def _may_hold_ingest_dates(table: DeltaTable, version: int, first: dt.date, last: dt.date) -> bool:
-    """Whether any file's ingest_date statistics overlap [first, last] (True when unsure)."""
+def _windows_held(table: DeltaTable, version: int, windows: list[tuple[dt.date, dt.date]]) -> list[tuple[dt.date, dt.date]]:
+    """The [first, last] windows that some file's ingest_date statistics overlap (all of
+    them when a file has no statistics): one read of the snapshot's add actions."""
     adds = pa.table(deltalake.DeltaTable(table.uri, version=version).get_add_actions(flatten=True)).to_pydict()
     lows, highs = adds.get("min.ingest_date"), adds.get("max.ingest_date")
     if lows is None or highs is None:
-        return bool(adds.get("path"))
-    for lo, hi in zip(lows, highs, strict=True):
-        if lo is None or hi is None:
-            return True
-        if _as_date(lo) <= last and _as_date(hi) >= first:
-            return True
-    return False
+        return list(windows) if adds.get("path") else []
+    spans = [(_as_date(lo), _as_date(hi)) if lo is not None and hi is not None else (dt.date.min, dt.date.max)
+             for lo, hi in zip(lows, highs, strict=True)]
+    return [(first, last) for first, last in windows if any(lo <= last and hi >= first for lo, hi in spans)]
 
 
 def _as_date(value: Any) -> dt.date:
