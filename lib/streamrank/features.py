@@ -190,7 +190,7 @@ def training_cutoffs(as_of: dt.date, params: FeatureParams) -> list[tuple[int, s
     return out
 
 
-def ingest_gaps(cleaned: set[dt.date], lo: dt.date, hi: dt.date) -> list[dt.date]:
+def uncleaned_days(cleaned: set[dt.date], lo: dt.date, hi: dt.date) -> list[dt.date]:
     """Days from the first cleaned day in [lo, hi] up to hi that clean did not publish.
 
     Days before the first cleaned one are where the warehouse starts, not gaps; a
@@ -209,8 +209,10 @@ def cutoffs_clear_of(cuts: list[tuple[int, str]], gaps: list[dt.date]) -> tuple[
     spans = [(_midnight_us(g), _midnight_us(g) + DAY_US) for g in gaps]
     kept, left_out = [], []
     for c, split in cuts:
-        touches = any(c < end and c + DAY_US > start for start, end in spans)
-        (left_out.append(c) if touches else kept.append((c, split)))
+        if any(c < end and c + DAY_US > start for start, end in spans):
+            left_out.append(c)
+        else:
+            kept.append((c, split))
     return kept, left_out
 
 
@@ -704,7 +706,7 @@ def build_features(ctx: Context, date: dt.date) -> dict[str, Any]:
                 f"{SILVER}: no rows for event_date {date} in the window [{lo}, {hi}] (run clean for {date} first)")
         window = [lo + dt.timedelta(days=n) for n in range((hi - lo).days + 1)]
         cleaned = {r["run_date"] for r in successful_runs(ctx, "clean", window)} | {date}  # D's rows: just seen
-        gaps = ingest_gaps(cleaned, lo, hi)
+        gaps = uncleaned_days(cleaned, lo, hi)
 
         catalog, snap = _catalog_snapshot(ctx, date, run)
         catalog = catalog.persist(StorageLevel.MEMORY_AND_DISK)

@@ -37,9 +37,9 @@ from streamrank.features import (
     day_ranges,
     dwell_bucket,
     feature_cutoff_us,
-    ingest_gaps,
     is_test_viewer,
     training_cutoffs,
+    uncleaned_days,
 )
 from streamrank.schemas import table_spec
 
@@ -382,8 +382,8 @@ def test_gap_helpers():
     d = dt.date
     cleaned = {d(2026, 11, 2), d(2026, 11, 3), d(2026, 11, 5), d(2026, 11, 8)}
     # days before the first cleaned one are the warehouse's start, not gaps
-    assert ingest_gaps(cleaned, d(2026, 10, 1), d(2026, 11, 8)) == [d(2026, 11, 4), d(2026, 11, 6), d(2026, 11, 7)]
-    assert ingest_gaps(set(), d(2026, 10, 1), d(2026, 11, 8)) == []
+    assert uncleaned_days(cleaned, d(2026, 10, 1), d(2026, 11, 8)) == [d(2026, 11, 4), d(2026, 11, 6), d(2026, 11, 7)]
+    assert uncleaned_days(set(), d(2026, 10, 1), d(2026, 11, 8)) == []
     assert day_ranges([d(2026, 11, 7), d(2026, 11, 4), d(2026, 11, 6)]) == "2026-11-04, 2026-11-06..2026-11-07"
     params = FeatureParams(train_days=3, cutoffs_per_day=2)
     cuts = training_cutoffs(d(2026, 11, 8), params)
