@@ -19,6 +19,9 @@ Why it is built the way it is:
   attention reads the newest event at the last position; target arrays are right-padded.
 - Every output is replaced for its as_of_date partition in one commit, so a re-run for
   the same date leaves identical tables.
+- Features of D are built from what had landed by D's ingest (silver rows of ingest_date
+  <= D): the night itself saw nothing later, and a re-run after later days were cleaned
+  (a backfill, a fix) must not pull in their late events of D and change D's tables.
 - A day of the window that clean never published (a night that was skipped and not
   backfilled: no successful clean run in ops/job_runs) is a gap, not a quiet day: the few
   late rows of it that the next ingest brings would make the targets of the cutoff before
@@ -698,7 +701,8 @@ def build_features(ctx: Context, date: dt.date) -> dict[str, Any]:
         silver_t = ctx.table(SILVER)
         silver_v = silver_t.version()
         run.read(SILVER, silver_v)
-        silver = silver_t.read(version=silver_v).filter(F.col("event_date").between(F.lit(lo), F.lit(hi)))
+        silver = silver_t.read(version=silver_v).filter(
+            F.col("event_date").between(F.lit(lo), F.lit(hi)) & (F.col("ingest_date") <= F.lit(date)))
         # One cheap probe: rows for D itself imply a non-empty window, and features of D
         # without D's events would silently describe yesterday (clean has not run).
         if silver.filter(F.col("event_date") == F.lit(date)).limit(1).count() == 0:

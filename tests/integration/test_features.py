@@ -419,3 +419,21 @@ def test_a_day_clean_never_published_leaves_its_cutoff_out(world, spark, base_co
     assert len(full) == len(world["snap"]["gold/training_examples"]) - 3  # va, vb and ve had rows at that cutoff
     assert snapshot(ctx)["gold/training_examples"] == full
     assert result["train_rows"] == world["result"]["train_rows"] - 3
+
+
+def test_rows_ingested_after_d_do_not_change_d(world, spark, base_conf, tmp_path):
+    """Features of D re-run after D+1 was cleaned: the late events of D and D-1 that D+1's
+    ingest brought (a purchase, a new viewer) are not in D's tables, which stay identical."""
+    conf = base_conf.with_overrides({"warehouse.root": str(tmp_path / "warehouse"), "landing.root": str(tmp_path / "landing")})
+    load(spark, conf)
+    late = World()
+    late.ev("vb", ts(8, 23, 50), "purchase", "p6", price=800.0, qty=1)
+    late.ev("vz", ts(7, 22), "view_product", "p1", dwell=3000)
+    # ingest_date D+1, event_date as the event says (the schema's column order)
+    late.rows = [(f"late{i}",) + r[1:14] + ("f2.jsonl", i, D + dt.timedelta(days=1), "clean-2", r[18])
+                 for i, r in enumerate(late.rows)]
+    ctx = Context(conf)
+    ctx.table("silver/viewer_events").append(spark.createDataFrame(late.rows, table_spec("silver/viewer_events").schema))
+    result = build_features(ctx, D)
+    assert snapshot(ctx) == world["snap"]
+    assert (result["viewers"], result["train_rows"]) == (world["result"]["viewers"], world["result"]["train_rows"])
