@@ -549,12 +549,14 @@ def training_window(cfg: Config, date: dt.date) -> tuple[dt.datetime, dt.datetim
 def _silver_window(ctx: Context, date: dt.date, run: StageRun | None):  # noqa: ANN202 - DataFrame
     from pyspark.sql import functions as F
 
+    from streamrank.features import known_by
+
     start, end = training_window(ctx.cfg, date)
     table = ctx.table(SILVER)
     version = table.version()
     if run is not None:
         run.read(SILVER, version)
-    df = table.read(version=version)
+    df = known_by(table.read(version=version), date)
     return df.filter(F.col("event_date").between(F.lit(start.date() - dt.timedelta(days=1)), F.lit(end.date()))
                      & (F.col("event_ts") >= F.lit(start)) & (F.col("event_ts") < F.lit(end))
                      & F.col("product_id").isNotNull() & F.col("viewer_id").isNotNull())

@@ -19,9 +19,10 @@ Why it is built the way it is:
   attention reads the newest event at the last position; target arrays are right-padded.
 - Every output is replaced for its as_of_date partition in one commit, so a re-run for
   the same date leaves identical tables.
-- Features of D are built from what had landed by D's ingest (silver rows of ingest_date
-  <= D): the night itself saw nothing later, and a re-run after later days were cleaned
-  (a backfill, a fix) must not pull in their late events of D and change D's tables.
+- Features of D are built from what had landed by D's ingest (`known_by`: silver rows of
+  ingest_date <= D): the night itself saw nothing later, and a re-run after later days
+  were cleaned (a backfill, a fix) must not pull in their late events of D and change
+  D's tables.
 - A day of the window that clean never published (a night that was skipped and not
   backfilled: no successful clean run in ops/job_runs) is a gap, not a quiet day: the few
   late rows of it that the next ingest brings would make the targets of the cutoff before
@@ -228,6 +229,16 @@ def day_ranges(days: list[dt.date]) -> str:
         else:
             runs.append([d])
     return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}..{r[-1]}" for r in runs)
+
+
+def known_by(silver: DataFrame, day: dt.date) -> DataFrame:
+    """Silver rows ingested by the end of `day`: what the night of `day` had.
+
+    Features, evaluate's baselines and score's popularity of D read silver through this,
+    so a re-run of D after later days were cleaned rebuilds what D built, without the late
+    events of D that arrived afterwards.
+    """
+    return silver.filter(F.col("ingest_date") <= F.lit(day))
 
 
 def silver_window(as_of: dt.date, params: FeatureParams) -> tuple[dt.date, dt.date]:
@@ -701,8 +712,7 @@ def build_features(ctx: Context, date: dt.date) -> dict[str, Any]:
         silver_t = ctx.table(SILVER)
         silver_v = silver_t.version()
         run.read(SILVER, silver_v)
-        silver = silver_t.read(version=silver_v).filter(
-            F.col("event_date").between(F.lit(lo), F.lit(hi)) & (F.col("ingest_date") <= F.lit(date)))
+        silver = known_by(silver_t.read(version=silver_v), date).filter(F.col("event_date").between(F.lit(lo), F.lit(hi)))
         # One cheap probe: rows for D itself imply a non-empty window, and features of D
         # without D's events would silently describe yesterday (clean has not run).
         if silver.filter(F.col("event_date") == F.lit(date)).limit(1).count() == 0:
@@ -804,7 +814,7 @@ __all__ = [
     "EVENT_TYPES", "PP_FEATURES", "TEST_SHARE", "TRAIN_DAYS", "VOCAB_KINDS", "FeatureParams", "at_positions",
     "build_features", "build_vocabularies", "candidate_positions", "candidates", "cutoff_states", "dwell_bucket",
     "encode_events", "event_index", "feature_cutoff_us", "first_slots", "host_lookup", "hour_token",
-    "is_test_viewer", "latest_catalog", "pp_features_expr", "price_thresholds", "product_lookup", "run",
+    "is_test_viewer", "known_by", "latest_catalog", "pp_features_expr", "price_thresholds", "product_lookup", "run",
     "schedule_arrays", "silver_window", "slot_summaries", "training_cutoffs", "training_examples", "viewer_features",
     "with_history_arrays", "with_purchase_power",
 ]

@@ -107,7 +107,7 @@ from streamrank.config import CHOICES, parse_date
 from streamrank.context import Context, PhaseTimer, stage_run
 from streamrank.delta import NotPlainParquetError, arrow_schema
 from streamrank.errors import ConfigError, MissingInputError, NoChampionError
-from streamrank.features import first_slots, hour_token, price_thresholds
+from streamrank.features import first_slots, hour_token, known_by, price_thresholds
 from streamrank.model import (
     PAD_ID,
     UNK_ID,
@@ -230,10 +230,11 @@ def latest_catalog(products: DataFrame, as_of: dt.date) -> DataFrame:
 
 
 def popularity(silver: DataFrame, day: dt.date, days: int = POPULARITY_DAYS) -> DataFrame:
-    """product_id -> carts + purchases over the `days` days ending with D (cold-start order)."""
+    """product_id -> carts + purchases over the `days` days ending with D (cold-start order),
+    of the rows ingested by D (`known_by`)."""
     lo = day - dt.timedelta(days=days - 1)
     return (
-        silver.filter(F.col("event_date").between(F.lit(lo), F.lit(day)) & F.col("event_type").isin(*POPULAR_EVENTS)
+        known_by(silver, day).filter(F.col("event_date").between(F.lit(lo), F.lit(day)) & F.col("event_type").isin(*POPULAR_EVENTS)
                       & F.col("product_id").isNotNull())
         .groupBy("product_id").agg(F.count(F.lit(1)).alias("popularity"))
     )

@@ -6,7 +6,8 @@ gold/vocabularies and bronze/products for both days - D's catalogue adds product
 which sorts first, so every product id of D is one more than on D-1 (the champion, trained
 on D-1, must be scored through its own vocabulary) - and silver events whose cart counts
 make popularity strictly decreasing along the product list, with decoy carts of the least
-popular product just outside the training window on both sides.
+popular product just outside the training window on both sides, and inside it but ingested
+after D.
 """
 
 from __future__ import annotations
@@ -127,9 +128,10 @@ def silver_rows(valid: list[dict]) -> list[dict]:
     """Views of the holdout viewers' histories (for ALS) and designed carts (for popularity)."""
     rows = []
 
-    def ev(viewer: str, product: str, etype: str, ts: dt.datetime) -> None:
+    def ev(viewer: str, product: str, etype: str, ts: dt.datetime, ingested: dt.date | None = None) -> None:
         rows.append({"event_id": f"e{len(rows):06d}", "viewer_id": viewer, "product_id": product, "event_type": etype,
-                     "event_ts": ts, "dwell_ms": 1000, "line_number": len(rows), "event_date": ts.date()})
+                     "event_ts": ts, "dwell_ms": 1000, "line_number": len(rows), "event_date": ts.date(),
+                     "ingest_date": ingested or ts.date()})
 
     cutoff = dt.datetime.combine(D, dt.time(0), tzinfo=UTC)
     for r in valid:
@@ -141,6 +143,8 @@ def silver_rows(valid: list[dict]) -> list[dict]:
     for n in range(100):  # decoys for the least popular product, just outside [D - 30 days, D)
         ev(f"d{n}", BASE[-1], "add_to_cart", cutoff + dt.timedelta(hours=10, minutes=n))
         ev(f"d{n}", BASE[-1], "add_to_cart", cutoff - dt.timedelta(days=30, minutes=1 + n))
+        # and inside it, but late: ingested on D+1, after the night of D (a re-run of D must not see them)
+        ev(f"d{n}", BASE[-1], "purchase", cutoff - dt.timedelta(hours=2, minutes=n), ingested=D + dt.timedelta(days=1))
     return rows
 
 
@@ -289,7 +293,8 @@ def test_pop_category_baseline_exact(world):
     hi = dt.datetime.combine(D, dt.time(0), tzinfo=UTC)
     test = [r for r in world["tok_d"] if r["split"] == "test"]
     counts = Counter(e["product_id"] for e in silver_rows(test)
-                     if e["event_type"] in ("add_to_cart", "purchase") and lo <= e["event_ts"] < hi)
+                     if e["event_type"] in ("add_to_cart", "purchase") and lo <= e["event_ts"] < hi
+                     and e["ingest_date"] <= D)  # what the night of D knew
     ids = vocab_of(D)["product"]
     n_ids = max(ids.values()) + 1
     weight = {"view_product": 1.0, "click_product": 2.0, "add_to_cart": 3.0, "purchase": 3.0}

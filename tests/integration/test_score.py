@@ -141,11 +141,11 @@ def write_world(spark, conf, *, with_features_of: list[dt.date], schedule_days: 
 
     events = []
 
-    def ev(viewer: str, day: dt.date, etype: str, product: str) -> None:
+    def ev(viewer: str, day: dt.date, etype: str, product: str, ingested: dt.date | None = None) -> None:
         n = len(events)
         when = at(day, 12, n % 60)
         events.append((f"e{n}", viewer, "s", "st0", "h1", product, etype, when, 0, None, 1, "1.0", False, None,
-                       "f.jsonl", n, day, "clean", day))
+                       "f.jsonl", n, ingested or day, "clean", day))
 
     for etype in ("add_to_cart", "purchase", "add_to_cart"):
         ev("w1", D - dt.timedelta(days=2), etype, "p3")
@@ -154,6 +154,8 @@ def write_world(spark, conf, *, with_features_of: list[dt.date], schedule_days: 
         ev("w3", D, "view_product", "p4")
     for _ in range(5):
         ev("w4", D - dt.timedelta(days=9), "add_to_cart", "p1")
+    for _ in range(6):  # carts of D that arrived with D+1's ingest: not known to the night of D
+        ev("late", D, "add_to_cart", "p4", ingested=D + dt.timedelta(days=1))
     put("silver/viewer_events", events)
 
 
