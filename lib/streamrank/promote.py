@@ -10,7 +10,9 @@ with a pure function, `gate_decision`, so the rules are testable on crafted numb
    right before moving the alias (the artifact that goes live is the one that was checked);
 2. with a champion: challenger ndcg_at_10 >= champion ndcg_at_10 * (1 + gate.min_uplift)
    and challenger intent_auc >= champion intent_auc - gate.auc_tolerance;
-3. without a champion (the very first model): challenger ndcg_at_10 > most_popular ndcg_at_10.
+3. without a champion (the very first model): challenger ndcg_at_10 > most_popular ndcg_at_10;
+4. the evaluation is of a date no earlier than the challenger's training date (as_of_date
+   tag): a model trained as of D+1 has seen D's holdout, so its figures there flatter it.
 
 Pass: alias `champion` moves to the challenger, the old champion gets `previous`, the
 version is tagged with the gate's figures. Fail: nothing moves, the challenger is tagged
@@ -219,6 +221,12 @@ def gated_promote(ctx: Context, run: StageRun, date: dt.date | None, version: st
                      f"{'v' + evaluated if evaluated else 'none'}, but the champion now is v{champion.version} "
                      "(re-run evaluate)")
         champ = figures.get("champion") if evaluated == champion.version else {}
+
+    trained_on = challenger.tags.get("as_of_date")
+    if trained_on and trained_on > str(evaluation["run_date"]):
+        # e.g. evaluate re-run for an older night: its holdout days are in this model's training data
+        extra.append(f"the evaluation of {evaluation['run_date']} is on a holdout that v{challenger.version} trained on "
+                     f"(it was trained as of {trained_on}): run `streamrank evaluate --date {trained_on}`")
 
     workdir = tempfile.mkdtemp(prefix="promote-", dir=cfg.warehouse)
     try:

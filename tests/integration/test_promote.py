@@ -280,3 +280,23 @@ def test_cli_flags_and_exit_codes(reg):
     assert main(["promote", *base, "--rollback"]) == 0
     assert aliases(conf) == (before[1], before[0])
     assert main(["promote", *base, "--version", "99", "--force", "--reason", "x"]) == 5
+
+
+def test_an_evaluation_older_than_the_training_date_is_refused(reg):
+    """A challenger trained as of D+1 evaluated on D (evaluate re-run for an older night) has
+    trained on that holdout: the gate refuses its flattering figures; on D+1 they count."""
+    from streamrank.registry import tag_version
+
+    ctx, conf = reg["ctx"], reg["conf"]
+    champion = by_alias(conf, CHAMPION).version
+    later = copy_version(conf)
+    tag_version(conf, later, {"as_of_date": D + dt.timedelta(days=1)})
+    set_alias(conf, CHALLENGER, later)
+    good = {"challenger": chal(0.9, 0.9), "champion": {"ndcg_at_10": 0.40, "intent_auc": 0.70}}
+    record(reg, later, good, champion=champion)
+    with pytest.raises(ModelGateError, match=f"is on a holdout that v{later} trained on .* evaluate --date 2026-11-11"):
+        promote(ctx, D)
+    assert by_alias(conf, CHAMPION).version == champion
+    record(reg, later, good, champion=champion, date=D + dt.timedelta(days=1))
+    promote(ctx, D + dt.timedelta(days=1))
+    assert by_alias(conf, CHAMPION).version == later
