@@ -234,8 +234,9 @@ def popularity(silver: DataFrame, day: dt.date, days: int = POPULARITY_DAYS) -> 
     of the rows ingested by D (`known_by`)."""
     lo = day - dt.timedelta(days=days - 1)
     return (
-        known_by(silver, day).filter(F.col("event_date").between(F.lit(lo), F.lit(day)) & F.col("event_type").isin(*POPULAR_EVENTS)
-                      & F.col("product_id").isNotNull())
+        known_by(silver, day)
+        .filter(F.col("event_date").between(F.lit(lo), F.lit(day)) & F.col("event_type").isin(*POPULAR_EVENTS)
+                & F.col("product_id").isNotNull())
         .groupBy("product_id").agg(F.count(F.lit(1)).alias("popularity"))
     )
 
