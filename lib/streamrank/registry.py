@@ -2,8 +2,9 @@
 
 The embedded default is a sqlite store under the warehouse with artifacts on local disk,
 so a laptop run is self-contained; conf/cluster.yaml points the same code at a server.
-Aliases, not stages, carry meaning: `challenger` is the latest trained model, `champion`
-is what scoring uses, `previous` is the champion before the last promotion (rollback).
+Aliases, not stages, carry meaning: `challenger` is the model trained as of the latest
+night (a backfill of an older night does not take it), `champion` is what scoring uses,
+`previous` is the champion before the last promotion (rollback).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ MODEL_DESCRIPTION = (
     "probability per (viewer, candidate) and the viewer's intent to buy (an MLflow pyfunc: a pandas "
     "DataFrame of histories and candidates in, scores and probabilities out; see each version's "
     "signature and input example).\n\n"
-    f"Aliases: `{CHAMPION}` is what `streamrank score` serves, `{CHALLENGER}` the latest trained "
-    f"version, `{PREVIOUS}` the champion before the last promotion. Move them with `streamrank promote` "
+    f"Aliases: `{CHAMPION}` is what `streamrank score` serves, `{CHALLENGER}` the version trained as of "
+    f"the latest night, `{PREVIOUS}` the champion before the last promotion. Move them with `streamrank promote` "
     "(the gate against the champion and most-popular, or `--version N --force --reason TEXT`, or "
     "`--rollback`), which records each decision in the version's gate.* and promoted_* tags."
 )

@@ -6,7 +6,9 @@ vocabularies of D. The worker (train_worker.py) needs nothing but that file list
 plain conf dict, so it runs in-process, under TorchDistributor, or on a GPU box alike.
 The result is logged to MLflow (params, conf, per-epoch metrics, table version, git
 commit, the pyfunc model with signature and input example), registered under the
-conf's model name and given the alias `challenger`.
+conf's model name and given the alias `challenger`, unless the challenger already is a model
+trained as of a later date: a backfill of an older night (`streamrank nightly --date X` for
+a past X) registers its model but does not turn the challenger back in time.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -24,9 +27,20 @@ from pyspark.sql import functions as F
 
 from streamrank.context import Context, stage_run
 from streamrank.errors import InsufficientHistoryError, MissingInputError, StreamrankError
-from streamrank.registry import CHALLENGER, describe_version, git_commit, set_alias, setup_mlflow, tag_version
+from streamrank.registry import (
+    CHALLENGER,
+    ModelRef,
+    by_alias,
+    describe_version,
+    git_commit,
+    set_alias,
+    setup_mlflow,
+    tag_version,
+)
 
 TRAINING_TABLE = "gold/training_examples"
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDivergedError(StreamrankError):
@@ -150,7 +164,10 @@ def train(ctx: Context, date: dt.date) -> dict[str, Any]:
                                  registered_model_name=ctx.cfg["mlflow.model_name"],
                                  calibrator_path=str(calibrator) if calibrator.exists() else None)
                 model_version = str(info.registered_model_version)
-                set_alias(ctx.cfg, CHALLENGER, model_version)
+                current = by_alias(ctx.cfg, CHALLENGER)
+                takes = takes_challenger(current, date)
+                if takes:
+                    set_alias(ctx.cfg, CHALLENGER, model_version)
                 tag_version(ctx.cfg, model_version, {"as_of_date": date, "training_table_version": version,
                                                      "git_commit": git_commit(), "streamrank_run_id": ctx.run_id})
                 describe_version(ctx.cfg, model_version, version_description(date, version, model_version, splits, metrics))
@@ -159,9 +176,34 @@ def train(ctx: Context, date: dt.date) -> dict[str, Any]:
         keep = ("ndcg_at_10", "hr_at_10", "intent_auc", "samples_per_s", "best_epoch")
         run.metrics.update({k: round(metrics[k], 4) if isinstance(metrics.get(k), float) else metrics.get(k) for k in keep})
         run.metrics["model_version"] = model_version
-        run.message = f"registered {ctx.cfg['mlflow.model_name']} v{model_version} as {CHALLENGER}"
+        run.metrics["challenger_version"] = model_version if takes else current.version
+        name = ctx.cfg["mlflow.model_name"]
+        if takes:
+            run.message = f"registered {name} v{model_version} as {CHALLENGER}"
+        else:
+            run.message = (f"registered {name} v{model_version} (as of {date}); {CHALLENGER} stays v{current.version}, "
+                           f"trained as of {current.tags['as_of_date']}; to serve v{model_version} anyway: "
+                           f"`streamrank promote --version {model_version} --force --reason TEXT`")
+            log.warning(run.message)
         return {**metrics, "model_version": model_version, "mlflow_run_id": run.mlflow_run_id, "training_table_version": version,
-                "split_rows": splits}
+                "split_rows": splits, "challenger_version": run.metrics["challenger_version"]}
+
+
+def takes_challenger(current: ModelRef | None, date: dt.date) -> bool:
+    """Whether a model trained as of `date` becomes the challenger.
+
+    `challenger` means the newest model, and evaluate and the gate read it. A model trained
+    as of an earlier night than the current challenger's (a backfill, or a re-run of an old
+    date) would put older knowledge up for promotion and hide the newer model, so it is
+    registered and left without the alias. A re-run of the same date does take it.
+    """
+    if current is None:
+        return True
+    trained = current.tags.get("as_of_date")
+    try:
+        return trained is None or dt.date.fromisoformat(trained) <= date
+    except ValueError:
+        return True
 
 
 def version_description(date: dt.date, table_version: int, model_version: str, splits: dict[str, int],

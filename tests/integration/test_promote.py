@@ -300,3 +300,28 @@ def test_an_evaluation_older_than_the_training_date_is_refused(reg):
     record(reg, later, good, champion=champion, date=D + dt.timedelta(days=1))
     promote(ctx, D + dt.timedelta(days=1))
     assert by_alias(conf, CHAMPION).version == later
+
+
+def test_training_an_older_night_leaves_the_newer_challenger(reg):
+    """A backfill (train for D while the challenger was trained as of D+2) registers its model
+    but does not turn `challenger` back in time; the message says how to serve it anyway."""
+    from streamrank.registry import tag_version
+    from streamrank.train import train
+
+    ctx, conf = reg["ctx"], reg["conf"]
+    newer = copy_version(conf)
+    tag_version(conf, newer, {"as_of_date": D + dt.timedelta(days=2)})
+    set_alias(conf, CHALLENGER, newer)
+    backfill = train(ctx, D)
+    assert backfill["model_version"] == str(int(newer) + 1) and backfill["challenger_version"] == newer
+    assert by_alias(conf, CHALLENGER).version == newer
+    assert tags(conf, backfill["model_version"])["as_of_date"] == str(D)
+    last = max((r for r in ctx.table("ops/job_runs").to_arrow().to_pylist() if r["stage"] == "train"),
+               key=lambda r: r["started_at"])
+    assert last["status"] == "success" and last["run_date"] == D
+    assert f"challenger stays v{newer}, trained as of {D + dt.timedelta(days=2)}" in last["message"]
+    assert f"promote --version {backfill['model_version']} --force" in last["message"]
+    # a re-run of the challenger's own night (or a later one) does take the alias
+    tag_version(conf, newer, {"as_of_date": D})
+    again = train(ctx, D)
+    assert by_alias(conf, CHALLENGER).version == again["model_version"] == again["challenger_version"]
