@@ -338,8 +338,20 @@ def test_new_products_get_a_finite_category_score_and_can_appear(world):
 
 
 def test_rerun_is_identical_and_recorded(world):
+    """A re-run gives the same rows; when the champion has meanwhile been trained on a later
+    night (a backfill), the rows are the same but the run says they are not what was served."""
+    from streamrank.registry import client, tag_version
+
     ctx2 = Context(world["conf"])
-    result = score(ctx2, D)
+    assert "model_trained_as_of" not in world["result"] and "not what was served" not in _last_score_message(ctx2)
+    tag_version(world["conf"], world["version"], {"as_of_date": D1})
+    try:
+        result = score(ctx2, D)
+    finally:
+        client(world["conf"]).delete_model_version_tag(world["conf"]["mlflow.model_name"], world["version"], "as_of_date")
+    assert result["model_trained_as_of"] == str(D1)
+    assert (f"v{world['version']} was trained as of {D1}, after {D}: these rankings of {D1} are a re-scoring"
+            in _last_score_message(ctx2))
     again = snapshot(ctx2, D1)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "run_id"} for r in rows]  # noqa: E731
     for name, rows in world["snap"].items():
@@ -353,6 +365,11 @@ def test_rerun_is_identical_and_recorded(world):
     runs = ctx2.table("ops/job_runs").read().filter((F.col("stage") == "score") & (F.col("status") == "success"))
     assert runs.count() == 2
     assert result["viewer_read"] == world["result"]["viewer_read"] == "files"
+
+
+def _last_score_message(ctx: Context) -> str:
+    runs = [r for r in ctx.table("ops/job_runs").to_arrow().to_pylist() if r["stage"] == "score"]
+    return max(runs, key=lambda r: r["started_at"])["message"]
 
 
 def test_features_with_rows_deleted_by_deletion_vectors_score_without_them(world, tmp_path):
