@@ -15,7 +15,7 @@ import html
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -51,6 +51,57 @@ def _save(fig: plt.Figure, out: Path, name: str) -> str:
     fig.savefig(out / name, dpi=90)
     plt.close(fig)
     return f'<img src="{name}" alt="{html.escape(name)}">'
+
+
+class EvalPoint(NamedTuple):
+    run_date: dt.date
+    candidate: str
+    metric: str
+    value: float
+
+
+def night_evaluations(rows: Sequence[dict[str, Any]], trained_as_of: dict[str, dt.date]) -> list[EvalPoint]:
+    """The one evaluation per night the model chart shows, as (run_date, candidate, metric, value) rows.
+
+    A night can hold several evaluations: a re-run after a retrain, or a backfill that
+    evaluated a challenger trained on later nights on this night's holdout. The latter has
+    trained on what it is scored on, so its figures flatter it; those evaluations are left
+    out. Of the rest, the latest recorded one stands for the night, like a re-run's result.
+    `trained_as_of` maps challenger versions to their training dates (missing: unknown).
+    """
+    runs: dict[tuple[dt.date, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        runs.setdefault((r["run_date"], r["run_id"]), []).append(r)
+
+    def honest(key: tuple[dt.date, str]) -> bool:
+        challenger = next((r["model_version"] for r in runs[key] if r["candidate"] == "challenger"), None)
+        return not saw_holdout(challenger, key[0], trained_as_of)
+
+    recorded = {key: max(r["recorded_at"] for r in runs[key]) for key in runs if honest(key)}
+    latest = {key[0]: key for key in sorted(recorded, key=recorded.__getitem__)}  # the latest run of each night wins
+    return [EvalPoint(r["run_date"], r["candidate"], r["metric"], r["value"])
+            for day in sorted(latest) for r in sorted(runs[latest[day]], key=lambda r: (r["candidate"], r["metric"]))]
+
+
+def saw_holdout(version: str | None, run_date: dt.date, trained_as_of: dict[str, dt.date]) -> bool:
+    """Whether model `version` was trained after `run_date`, and so on that night's holdout."""
+    trained = trained_as_of.get(version) if version is not None else None
+    return trained is not None and trained > run_date
+
+
+def _trained_as_of(ctx: Context, versions: set[str]) -> dict[str, dt.date]:
+    """The training date (`as_of_date` tag) of each registered version among `versions`."""
+    from streamrank.registry import by_version
+
+    out = {}
+    for version in sorted(v for v in versions if v is not None):
+        ref = by_version(ctx.cfg, version)
+        trained = ref.tags.get("as_of_date") if ref is not None else None
+        try:
+            out[version] = dt.date.fromisoformat(trained)
+        except (TypeError, ValueError):
+            continue  # not registered (any more), or no date: its evaluations are shown as they are
+    return out
 
 
 def _date_axis(ax: plt.Axes, fig: plt.Figure, first: dt.date, last: dt.date) -> None:
@@ -148,8 +199,14 @@ def build_report(ctx: Context, date: dt.date) -> Path:
     )
 
     # 4. model metrics over time, challenger vs champion vs baselines
-    ev = ctx.table("ops/model_eval").read().filter(F.col("metric").isin("ndcg_at_10", "intent_auc"))
-    ev_rows = ev.groupBy("run_date", "candidate", "metric").agg(F.max("value").alias("value")).orderBy("run_date").collect()
+    ev = ctx.table("ops/model_eval").read().filter(F.col("metric").isin("ndcg_at_10", "intent_auc")) \
+        .select("run_id", "run_date", "recorded_at", "candidate", "model_version", "metric", "value").collect()
+    trained = _trained_as_of(ctx, {r.model_version for r in ev if r.candidate == "challenger"})
+    ev_rows = night_evaluations([r.asDict() for r in ev], trained)
+    seen_holdout = sorted({f"v{r.model_version} (trained as of {trained[r.model_version]})" for r in ev
+                           if r.run_date == date and r.candidate == "challenger" and saw_holdout(r.model_version, date, trained)})
+    left_out = (f"<p>Left out: the evaluation of {date} by {', '.join(seen_holdout)}, which trained on this "
+                "night's holdout.</p>") if seen_holdout else ""
     if ev_rows:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         for ax, metric in zip(axes, ("ndcg_at_10", "intent_auc"), strict=True):
@@ -160,10 +217,10 @@ def build_report(ctx: Context, date: dt.date) -> Path:
             ax.legend(fontsize=7)
             _date_axis(ax, fig, ev_rows[0].run_date, ev_rows[-1].run_date)
         latest = [r for r in ev_rows if r.run_date == date]
-        sections.append("<h2>Model metrics</h2>" + _save(fig, out, "model_metrics.png")
+        sections.append("<h2>Model metrics</h2>" + _save(fig, out, "model_metrics.png") + left_out
                         + _table(["candidate", "metric", "value"], [(r.candidate, r.metric, f"{r.value:.4f}") for r in latest]))
     else:
-        sections.append("<h2>Model metrics</h2>" + _empty("no evaluations recorded yet"))
+        sections.append("<h2>Model metrics</h2>" + left_out + _empty("no evaluations recorded yet"))
 
     # 5. tomorrow: score and intent distributions, top products and hosts
     ranks = ctx.table("gold/user_product_rankings").read().filter(F.col("score_date") == F.lit(tomorrow))
