@@ -798,9 +798,9 @@ def evaluate(ctx: Context, date: dt.date) -> dict[str, Any]:
         threshold = float(ctx.cfg["evaluate.intent_threshold"])
         precision = inference_precision(ctx.cfg["score.precision"])  # what the score stage will serve
         notes: list[str] = []
-        trained_on = challenger.tags.get("as_of_date")
-        if trained_on and trained_on > date.isoformat():
-            notes.append(f"challenger was trained on {trained_on}, after {date}: its training data includes this holdout")
+        if challenger.trained_after(date):
+            notes.append(f"challenger was trained on {challenger.trained_as_of}, after {date}: "
+                         "its training data includes this holdout")
 
         results: dict[str, dict[str, float | None]] = {}
         versions: dict[str, str | None] = {"challenger": challenger.version}

@@ -222,9 +222,9 @@ def gated_promote(ctx: Context, run: StageRun, date: dt.date | None, version: st
                      "(re-run evaluate)")
         champ = figures.get("champion") if evaluated == champion.version else {}
 
-    trained_on = challenger.tags.get("as_of_date")
-    if trained_on and trained_on > str(evaluation["run_date"]):
+    if challenger.trained_after(evaluation["run_date"]):
         # e.g. evaluate re-run for an older night: its holdout days are in this model's training data
+        trained_on = challenger.trained_as_of
         extra.append(f"the evaluation of {evaluation['run_date']} is on a holdout that v{challenger.version} trained on "
                      f"(it was trained as of {trained_on}): run `streamrank evaluate --date {trained_on}`")
 

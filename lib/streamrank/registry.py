@@ -9,6 +9,7 @@ night (a backfill of an older night does not take it), `champion` is what scorin
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 from dataclasses import dataclass
@@ -72,6 +73,19 @@ class ModelRef:
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
+
+    @property
+    def trained_as_of(self) -> dt.date | None:
+        """The night it was trained as of (train's `as_of_date` tag); None when unknown."""
+        try:
+            return dt.date.fromisoformat(self.tags.get("as_of_date", ""))
+        except ValueError:
+            return None
+
+    def trained_after(self, day: dt.date) -> bool:
+        """Whether it was trained as of a night after `day`, so on that night's holdout and
+        on the events of the days after it."""
+        return self.trained_as_of is not None and self.trained_as_of > day
 
 
 def by_alias(cfg: Config, alias: str) -> ModelRef | None:

@@ -96,11 +96,8 @@ def _trained_as_of(ctx: Context, versions: set[str]) -> dict[str, dt.date]:
     out = {}
     for version in sorted(v for v in versions if v is not None):
         ref = by_version(ctx.cfg, version)
-        trained = ref.tags.get("as_of_date") if ref is not None else None
-        try:
-            out[version] = dt.date.fromisoformat(trained)
-        except (TypeError, ValueError):
-            continue  # not registered (any more), or no date: its evaluations are shown as they are
+        if ref is not None and ref.trained_as_of is not None:  # else: its evaluations are shown as they are
+            out[version] = ref.trained_as_of
     return out
 
 

@@ -835,20 +835,6 @@ def champion_ref(cfg: Any) -> Any:
     return ref
 
 
-def trained_after(tags: dict[str, str], date: dt.date) -> str | None:
-    """The champion's training date (its `as_of_date` tag) when it is after `date`, else None.
-
-    Scoring an older night again (a backfill) uses today's champion, which has trained on
-    the very day it ranks: its rankings look better against that day's purchases than any
-    served ranking could, and an analyst must be able to tell.
-    """
-    trained = tags.get("as_of_date")
-    try:
-        return trained if trained is not None and dt.date.fromisoformat(trained) > date else None
-    except ValueError:
-        return None
-
-
 def load_champion(ref: Any) -> Champion:
     """Download the champion's artifacts once, on the driver; the executors get their bytes."""
     import mlflow
@@ -1042,8 +1028,8 @@ def score(ctx: Context, date: dt.date) -> dict[str, Any]:
         })
         run.message = (f"{n_viewers} viewers ({n_cold} cold start) x {cands.size} candidates ({cands.n_new} new) -> "
                        f"top {k_eff} for {tomorrow} with {champion.name} v{champion.version} ({precision})")
-        if (later := trained_after(ref.tags, date)) is not None:
-            run.metrics["model_trained_as_of"] = later
+        if ref.trained_after(date):  # a backfill re-scores an old night with today's champion
+            later = run.metrics["model_trained_as_of"] = str(ref.trained_as_of)
             note = (f"v{champion.version} was trained as of {later}, after {date}: these rankings of {tomorrow} are a "
                     f"re-scoring by a model that saw {tomorrow}'s events, not what was served; do not measure models with them")
             log.warning("score %s: %s", date, note)

@@ -182,7 +182,7 @@ def train(ctx: Context, date: dt.date) -> dict[str, Any]:
             run.message = f"registered {name} v{model_version} as {CHALLENGER}"
         else:
             run.message = (f"registered {name} v{model_version} (as of {date}); {CHALLENGER} stays v{current.version}, "
-                           f"trained as of {current.tags['as_of_date']}; to serve v{model_version} anyway: "
+                           f"trained as of {current.trained_as_of}; to serve v{model_version} anyway: "
                            f"`streamrank promote --version {model_version} --force --reason TEXT`")
             log.warning(run.message)
         return {**metrics, "model_version": model_version, "mlflow_run_id": run.mlflow_run_id, "training_table_version": version,
@@ -197,13 +197,7 @@ def takes_challenger(current: ModelRef | None, date: dt.date) -> bool:
     date) would put older knowledge up for promotion and hide the newer model, so it is
     registered and left without the alias. A re-run of the same date does take it.
     """
-    if current is None:
-        return True
-    trained = current.tags.get("as_of_date")
-    try:
-        return trained is None or dt.date.fromisoformat(trained) <= date
-    except ValueError:
-        return True
+    return current is None or not current.trained_after(date)
 
 
 def version_description(date: dt.date, table_version: int, model_version: str, splits: dict[str, int],
