@@ -13,7 +13,7 @@ import argparse
 import datetime as dt
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,6 +27,7 @@ from pyspark.sql import functions as F  # noqa: E402
 
 from streamrank.context import Context, stage_run  # noqa: E402
 from streamrank.errors import MissingInputError  # noqa: E402
+from streamrank.registry import ModelRef, by_version  # noqa: E402
 
 LAYERS = [
     ("bronze/viewer_events", "ingest_date"),
@@ -60,14 +61,14 @@ class EvalPoint(NamedTuple):
     value: float
 
 
-def night_evaluations(rows: Sequence[dict[str, Any]], trained_as_of: dict[str, dt.date]) -> list[EvalPoint]:
+def night_evaluations(rows: Sequence[dict[str, Any]], models: Mapping[str, ModelRef]) -> list[EvalPoint]:
     """The one evaluation per night the model chart shows, as (run_date, candidate, metric, value) rows.
 
     A night can hold several evaluations: a re-run after a retrain, or a backfill that
     evaluated a challenger trained on later nights on this night's holdout. The latter has
     trained on what it is scored on, so its figures flatter it; those evaluations are left
     out. Of the rest, the latest recorded one stands for the night, like a re-run's result.
-    `trained_as_of` maps challenger versions to their training dates (missing: unknown).
+    `models` maps challenger versions to their registry entries (missing: shown as they are).
     """
     runs: dict[tuple[dt.date, str], list[dict[str, Any]]] = {}
     for r in rows:
@@ -75,7 +76,8 @@ def night_evaluations(rows: Sequence[dict[str, Any]], trained_as_of: dict[str, d
 
     def honest(key: tuple[dt.date, str]) -> bool:
         challenger = next((r["model_version"] for r in runs[key] if r["candidate"] == "challenger"), None)
-        return not saw_holdout(challenger, key[0], trained_as_of)
+        ref = models.get(challenger) if challenger is not None else None
+        return ref is None or not ref.trained_after(key[0])
 
     recorded = {key: max(r["recorded_at"] for r in runs[key]) for key in runs if honest(key)}
     latest = {key[0]: key for key in sorted(recorded, key=recorded.__getitem__)}  # the latest run of each night wins
@@ -83,22 +85,10 @@ def night_evaluations(rows: Sequence[dict[str, Any]], trained_as_of: dict[str, d
             for day in sorted(latest) for r in sorted(runs[latest[day]], key=lambda r: (r["candidate"], r["metric"]))]
 
 
-def saw_holdout(version: str | None, run_date: dt.date, trained_as_of: dict[str, dt.date]) -> bool:
-    """Whether model `version` was trained after `run_date`, and so on that night's holdout."""
-    trained = trained_as_of.get(version) if version is not None else None
-    return trained is not None and trained > run_date
-
-
-def _trained_as_of(ctx: Context, versions: set[str]) -> dict[str, dt.date]:
-    """The training date (`as_of_date` tag) of each registered version among `versions`."""
-    from streamrank.registry import by_version
-
-    out = {}
-    for version in sorted(v for v in versions if v is not None):
-        ref = by_version(ctx.cfg, version)
-        if ref is not None and ref.trained_as_of is not None:  # else: its evaluations are shown as they are
-            out[version] = ref.trained_as_of
-    return out
+def _registered(ctx: Context, versions: set[str]) -> dict[str, ModelRef]:
+    """The registry entry of each of `versions` that is still registered."""
+    refs = {v: by_version(ctx.cfg, v) for v in sorted(v for v in versions if v is not None)}
+    return {v: ref for v, ref in refs.items() if ref is not None}
 
 
 def _date_axis(ax: plt.Axes, fig: plt.Figure, first: dt.date, last: dt.date) -> None:
@@ -198,10 +188,11 @@ def build_report(ctx: Context, date: dt.date) -> Path:
     # 4. model metrics over time, challenger vs champion vs baselines
     ev = ctx.table("ops/model_eval").read().filter(F.col("metric").isin("ndcg_at_10", "intent_auc")) \
         .select("run_id", "run_date", "recorded_at", "candidate", "model_version", "metric", "value").collect()
-    trained = _trained_as_of(ctx, {r.model_version for r in ev if r.candidate == "challenger"})
-    ev_rows = night_evaluations([r.asDict() for r in ev], trained)
-    seen_holdout = sorted({f"v{r.model_version} (trained as of {trained[r.model_version]})" for r in ev
-                           if r.run_date == date and r.candidate == "challenger" and saw_holdout(r.model_version, date, trained)})
+    models = _registered(ctx, {r.model_version for r in ev if r.candidate == "challenger"})
+    ev_rows = night_evaluations([r.asDict() for r in ev], models)
+    seen_holdout = sorted({f"v{ref.version} (trained as of {ref.trained_as_of})" for r in ev
+                           if r.run_date == date and r.candidate == "challenger"
+                           and (ref := models.get(r.model_version)) is not None and ref.trained_after(date)})
     left_out = (f"<p>Left out: the evaluation of {date} by {', '.join(seen_holdout)}, which trained on this "
                 "night's holdout.</p>") if seen_holdout else ""
     if ev_rows:

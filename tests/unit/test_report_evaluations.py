@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 
+from streamrank.registry import ModelRef
 from streamrank.report import EvalPoint, night_evaluations
 
 N1, N2, N3 = dt.date(2026, 11, 5), dt.date(2026, 11, 6), dt.date(2026, 11, 7)
+
+
+def trained(**nights: dt.date) -> dict[str, ModelRef]:
+    """Registry entries of versions v<N> trained as of the given nights."""
+    return {k[1:]: ModelRef("m", k[1:], "r", {"as_of_date": str(day)}) for k, day in nights.items()}
 
 
 def evaluation(run_id: str, night: dt.date, minute: int, challenger: str, ndcg: float) -> list[dict]:
@@ -22,8 +28,7 @@ def test_a_backfills_evaluation_by_a_later_model_is_left_out_and_the_latest_hone
             + evaluation("c", N2, 0, "4", 0.36)
             + evaluation("d", N2, 5, "6", 0.37)    # train re-run for N2, evaluated again: the latest stands
             + evaluation("e", N3, 0, "9", 0.40))   # a version the registry no longer knows: shown
-    trained = {"3": N1, "4": N2, "5": N3, "6": N2}
-    assert night_evaluations(rows, trained) == [
+    assert night_evaluations(rows, trained(v3=N1, v4=N2, v5=N3, v6=N2)) == [
         EvalPoint(N1, "challenger", "ndcg_at_10", 0.35), EvalPoint(N1, "most_popular", "ndcg_at_10", 0.30),
         EvalPoint(N2, "challenger", "ndcg_at_10", 0.37), EvalPoint(N2, "most_popular", "ndcg_at_10", 0.30),
         EvalPoint(N3, "challenger", "ndcg_at_10", 0.40), EvalPoint(N3, "most_popular", "ndcg_at_10", 0.30),
@@ -32,4 +37,4 @@ def test_a_backfills_evaluation_by_a_later_model_is_left_out_and_the_latest_hone
 
 def test_a_night_with_only_a_later_models_evaluation_has_no_point():
     rows = evaluation("a", N1, 0, "5", 0.45) + evaluation("b", N2, 0, "5", 0.41)
-    assert [p.run_date for p in night_evaluations(rows, {"5": N2})] == [N2, N2]
+    assert [p.run_date for p in night_evaluations(rows, trained(v5=N2))] == [N2, N2]
