@@ -194,7 +194,8 @@ STAGES: list[tuple[str, str, str]] = [
     ("evaluate", "evaluate", "holdout metrics for challenger, champion and baselines"),
     ("score", "score", "rankings and intent scores for the streams of D+1"),
     ("report", "report", "static HTML report with plots for D"),
-    ("nightly", "nightly", "every stage for D in order, resumable, one run per warehouse"),
+    ("nightly", "nightly", "every stage for D in order, resumable, one run per warehouse (a night older "
+                            "than the challenger's skips train, evaluate and promote)"),
 ]
 STAGE_FLAGS: dict[str, list[tuple[str, dict]]] = {
     "nightly": [

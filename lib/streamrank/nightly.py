@@ -9,6 +9,13 @@ Bootstrap: on a new warehouse's first nights there is no history to train on
 (InsufficientHistoryError): evaluate and promote are skipped and scoring runs if a
 champion exists; with no champion yet (NoChampionError) nothing is scored. Both are
 reported in ops/job_runs and the night still succeeds, because the data stages did.
+
+Backfill: the model stages belong to the newest night. When `challenger` was trained as of
+a later night than D (re-running a past night, or filling a hole after later nights ran),
+train, evaluate and promote are skipped: a model of D would not become the challenger
+(train.takes_challenger), and evaluating the newer one on D's holdout scores it on rows it
+trained on, which the gate refuses (promote rule 4). The data stages, score and report
+still run. `streamrank train --date D` trains D's model on purpose.
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ import importlib
 from streamrank.context import Context, stage_run
 from streamrank.errors import InsufficientHistoryError, ModelGateError, NoChampionError, StreamrankError, UsageError
 from streamrank.lock import WarehouseLock
+from streamrank.registry import CHALLENGER, ModelRef, by_alias
 
 STAGE_ORDER = ["ingest", "clean", "features", "train", "evaluate", "promote", "score", "report"]
+MODEL_STAGES = ("train", "evaluate", "promote")
 
 
 def succeeded_stages(ctx: Context, date: dt.date) -> set[str]:
@@ -46,6 +55,18 @@ def plan(done: set[str], force: bool, from_stage: str | None) -> list[tuple[str,
     return out
 
 
+def newer_challenger(ctx: Context, date: dt.date) -> ModelRef | None:
+    """The challenger when it was trained as of a night after D (D is a backfill), else None."""
+    current = by_alias(ctx.cfg, CHALLENGER)
+    return current if current is not None and current.trained_after(date) else None
+
+
+def backfill_note(date: dt.date, challenger: ModelRef) -> str:
+    """Why a past night's model stages did not run, and how to train that night's model anyway."""
+    return (f"model stages skipped: {date} is older than challenger v{challenger.version} (trained as of "
+            f"{challenger.trained_as_of}); `streamrank train --date {date}` trains this night's model on purpose")
+
+
 def run_stage(ctx: Context, stage: str, date: dt.date) -> int:
     module = importlib.import_module(f"streamrank.{stage}")
     return int(module.run(ctx, argparse.Namespace(date=date, version=None, force=False, reason=None, rollback=False)) or 0)
@@ -54,9 +75,15 @@ def run_stage(ctx: Context, stage: str, date: dt.date) -> int:
 def nightly(ctx: Context, date: dt.date, force: bool = False, from_stage: str | None = None) -> int:
     with WarehouseLock(ctx.cfg.warehouse, "nightly", ctx.run_id), stage_run(ctx, "nightly", date) as night:
         steps = plan(succeeded_stages(ctx, date), force, from_stage)
-        skip_model = False
+        newer = newer_challenger(ctx, date) if any(todo for s, todo in steps if s in MODEL_STAGES) else None
+        skip_model = newer is not None
+        if newer is not None:
+            night.message = backfill_note(date, newer)
+            night.metrics["challenger_trained_as_of"] = str(newer.trained_as_of)
         for stage, todo in steps:
-            if skip_model and stage in ("evaluate", "promote"):
+            if skip_model and stage in MODEL_STAGES:
+                if newer is not None and stage == "train":
+                    print(f"[nightly] {night.message}")
                 night.metrics[stage] = "skipped"
                 continue
             if not todo:

@@ -323,3 +323,33 @@ def test_maintain_keeps_every_row_and_the_stages_read_its_files(world):
         run_stage(ctx, stage, D3)
     # money is summed as decimals (features.MONEY): the new row order cannot change a digit
     assert {t: table_rows(wh, t, drop=("run_id",)) for t in gold} == expected
+
+
+def test_a_backfilled_older_night_skips_the_model_stages(world):
+    """Re-running a past night after a later one trained the challenger: the model stages
+    belong to the newest night, so nothing is trained, evaluated or promoted, and no alias
+    moves; the night still scores with the champion and says why the model stages did not run."""
+    from streamrank.registry import client
+
+    cfg, ctx, wh = world["cfg"], world["ctx"], world["wh"]
+    aliases = {a: by_alias(cfg, a) for a in ("challenger", "champion")}
+    assert aliases["challenger"].trained_as_of == D3
+    registered = {mv.version for mv in client(cfg).search_model_versions(f"name='{cfg['mlflow.model_name']}'")}
+    assert nightly(ctx, D2, from_stage="train") == 0
+
+    assert {mv.version for mv in client(cfg).search_model_versions(f"name='{cfg['mlflow.model_name']}'")} == registered
+    assert {a: by_alias(cfg, a) for a in aliases} == aliases
+    runs = [r for r in ctx.table("ops/job_runs").to_arrow().to_pylist() if r["run_date"] == D2 and r["run_id"] == ctx.run_id]
+    night = max((r for r in runs if r["stage"] == "nightly"), key=lambda r: r["started_at"])
+    assert night["status"] == "success"
+    metrics = json.loads(night["metrics"])
+    assert {s: metrics[s] for s in ("train", "evaluate", "promote", "score")} == {
+        "train": "skipped", "evaluate": "skipped", "promote": "skipped", "score": "ok"}
+    assert metrics["challenger_trained_as_of"] == str(D3)
+    assert f"older than challenger v{aliases['challenger'].version}" in night["message"]
+    assert f"streamrank train --date {D2}" in night["message"]
+    started = night["started_at"]
+    assert not [r for r in runs if r["stage"] in ("train", "evaluate", "promote") and r["started_at"] >= started]
+    rescored = wh.table("gold/user_product_rankings").read().filter(F.col("score_date") == D3)
+    assert rescored.count() > 0
+    assert {r.model_version for r in rescored.select("model_version").distinct().collect()} == {aliases["champion"].version}
