@@ -21,6 +21,12 @@ landed, and that must fail loudly. So a task is skipped only when the stage also
 the matching `streamrank <stage>: outcome: <name>` line (lib/streamrank/errors.py), which
 the CLI prints for exactly these expected states.
 
+A backfill (`airflow dags backfill`) of a night older than the challenger's runs each
+stage as asked, unlike `streamrank nightly`, which skips train, evaluate and promote
+there: train registers that night's model without moving `challenger`, evaluate scores
+the newer challenger on a holdout it trained on, and promote refuses it (exit 4, skipped).
+Clear those three tasks from such a run to save the training time.
+
 Where things are, read when the DAG file is parsed: STREAMRANK_HOME (the checkout with
 its .venv, default /opt/streamrank), STREAMRANK_CONF (default conf/cluster.yaml there)
 and STREAMRANK_SPARK_PACKAGES (Maven coordinates for --packages, default delta-spark;
