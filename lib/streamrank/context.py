@@ -132,17 +132,30 @@ def stage_run(ctx: Context, stage: str, run_date: dt.date) -> Iterator[StageRun]
         run.message = run.message or f"{type(exc).__name__}: {exc}".splitlines()[0]
         raise
     finally:
-        seconds = time.perf_counter() - t0
-        row = {
-            "run_id": ctx.run_id, "stage": stage, "status": status, "exit_code": code,
-            "started_at": started, "ended_at": dt.datetime.now(dt.UTC), "duration_s": round(seconds, 3),
-            "versions_read": json.dumps(run.versions_read, sort_keys=True),
-            "versions_written": json.dumps(run.versions_written, sort_keys=True),
-            "mlflow_run_id": run.mlflow_run_id, "metrics": json.dumps(run.metrics, default=str, sort_keys=True),
-            "message": run.message[:2000], "host": socket.gethostname(), "pid": os.getpid(), "run_date": run_date,
-        }
-        try:
-            ctx.table("ops/job_runs").append_rows([row])
-        except Exception as exc:  # noqa: BLE001 - never mask the stage's own error
-            print(f"[{stage}] warning: could not record ops/job_runs: {exc}", file=sys.stderr)
-        print(_summary(run, status, seconds), flush=True)
+        _record(ctx, run, status, code, started, time.perf_counter() - t0)
+
+
+def record_skipped(ctx: Context, stage: str, run_date: dt.date, message: str) -> None:
+    """Record a stage the nightly chose not to run, with why, as a `skipped` row of ops/job_runs.
+
+    A reader of the night's runs (the report, an analyst) then sees the reason where the
+    stage's own row would be, not a gap.
+    """
+    _record(ctx, StageRun(stage, run_date, ctx.run_id, message=message), "skipped", 0, dt.datetime.now(dt.UTC), 0.0)
+
+
+def _record(ctx: Context, run: StageRun, status: str, code: int, started: dt.datetime, seconds: float) -> None:
+    """Append the run's ops/job_runs row (never masking the stage's own error) and print its summary line."""
+    row = {
+        "run_id": ctx.run_id, "stage": run.stage, "status": status, "exit_code": code,
+        "started_at": started, "ended_at": dt.datetime.now(dt.UTC), "duration_s": round(seconds, 3),
+        "versions_read": json.dumps(run.versions_read, sort_keys=True),
+        "versions_written": json.dumps(run.versions_written, sort_keys=True),
+        "mlflow_run_id": run.mlflow_run_id, "metrics": json.dumps(run.metrics, default=str, sort_keys=True),
+        "message": run.message[:2000], "host": socket.gethostname(), "pid": os.getpid(), "run_date": run.run_date,
+    }
+    try:
+        ctx.table("ops/job_runs").append_rows([row])
+    except Exception as exc:  # noqa: BLE001 - never mask the stage's own error
+        print(f"[{run.stage}] warning: could not record ops/job_runs: {exc}", file=sys.stderr)
+    print(_summary(run, status, seconds), flush=True)

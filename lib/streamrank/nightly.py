@@ -15,7 +15,8 @@ a later night than D (re-running a past night, or filling a hole after later nig
 train, evaluate and promote are skipped: a model of D would not become the challenger
 (train.takes_challenger), and evaluating the newer one on D's holdout scores it on rows it
 trained on, which the gate refuses (promote rule 4). The data stages, score and report
-still run. `streamrank train --date D` trains D's model on purpose.
+still run; each skipped stage gets a `skipped` row in ops/job_runs saying why.
+`streamrank train --date D` trains D's model on purpose.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import argparse
 import datetime as dt
 import importlib
 
-from streamrank.context import Context, stage_run
+from streamrank.context import Context, record_skipped, stage_run
 from streamrank.errors import InsufficientHistoryError, ModelGateError, NoChampionError, StreamrankError, UsageError
 from streamrank.lock import WarehouseLock
 from streamrank.registry import CHALLENGER, ModelRef, by_alias
@@ -82,8 +83,8 @@ def nightly(ctx: Context, date: dt.date, force: bool = False, from_stage: str | 
             night.metrics["challenger_trained_as_of"] = str(newer.trained_as_of)
         for stage, todo in steps:
             if skip_model and stage in MODEL_STAGES:
-                if newer is not None and stage == "train":
-                    print(f"[nightly] {night.message}")
+                if newer is not None:
+                    record_skipped(ctx, stage, date, night.message)
                 night.metrics[stage] = "skipped"
                 continue
             if not todo:

@@ -348,8 +348,12 @@ def test_a_backfilled_older_night_skips_the_model_stages(world):
     assert metrics["challenger_trained_as_of"] == str(D3)
     assert f"older than challenger v{aliases['challenger'].version}" in night["message"]
     assert f"streamrank train --date {D2}" in night["message"]
-    started = night["started_at"]
-    assert not [r for r in runs if r["stage"] in ("train", "evaluate", "promote") and r["started_at"] >= started]
+    # each skipped stage has its row saying why, and the night's report shows them
+    model_rows = [r for r in runs if r["stage"] in ("train", "evaluate", "promote") and r["started_at"] >= night["started_at"]]
+    assert sorted((r["stage"], r["status"], r["exit_code"], r["message"]) for r in model_rows) == [
+        (stage, "skipped", 0, night["message"]) for stage in ("evaluate", "promote", "train")]
+    page = (cfg.reports / str(D2) / "index.html").read_text()
+    assert f"older than challenger v{aliases['challenger'].version}" in page
     rescored = wh.table("gold/user_product_rankings").read().filter(F.col("score_date") == D3)
     assert rescored.count() > 0
     assert {r.model_version for r in rescored.select("model_version").distinct().collect()} == {aliases["champion"].version}
