@@ -15,8 +15,9 @@ a later night than D (re-running a past night, or filling a hole after later nig
 train, evaluate and promote are skipped: a model of D would not become the challenger
 (train.takes_challenger), and evaluating the newer one on D's holdout scores it on rows it
 trained on, which the gate refuses (promote rule 4). The data stages, score and report
-still run; each skipped stage gets a `skipped` row in ops/job_runs saying why.
-`streamrank train --date D` trains D's model on purpose.
+still run. `streamrank train --date D` trains D's model on purpose.
+
+Each model stage skipped either way gets a `skipped` row in ops/job_runs saying why.
 """
 
 from __future__ import annotations
@@ -77,14 +78,13 @@ def nightly(ctx: Context, date: dt.date, force: bool = False, from_stage: str | 
     with WarehouseLock(ctx.cfg.warehouse, "nightly", ctx.run_id), stage_run(ctx, "nightly", date) as night:
         steps = plan(succeeded_stages(ctx, date), force, from_stage)
         newer = newer_challenger(ctx, date) if any(todo for s, todo in steps if s in MODEL_STAGES) else None
-        skip_model = newer is not None
+        skip_model: str | None = None  # why the model stages left do not run tonight
         if newer is not None:
-            night.message = backfill_note(date, newer)
+            skip_model = night.message = backfill_note(date, newer)
             night.metrics["challenger_trained_as_of"] = str(newer.trained_as_of)
         for stage, todo in steps:
             if skip_model and stage in MODEL_STAGES:
-                if newer is not None:
-                    record_skipped(ctx, stage, date, night.message)
+                record_skipped(ctx, stage, date, skip_model)
                 night.metrics[stage] = "skipped"
                 continue
             if not todo:
@@ -101,7 +101,7 @@ def nightly(ctx: Context, date: dt.date, force: bool = False, from_stage: str | 
                 # a new warehouse's first nights: nothing to train on yet, the data stages still ran
                 night.metrics[stage] = exc.outcome
                 print(f"[nightly] {stage}: {str(exc).splitlines()[0]} - model stages skipped tonight")
-                skip_model = True
+                skip_model = f"not run: {stage} found too little history for {date} ({exc.outcome})"
             except NoChampionError as exc:
                 night.metrics[stage] = exc.outcome
                 print(f"[nightly] {stage}: {str(exc).splitlines()[0]} - nothing published tonight")

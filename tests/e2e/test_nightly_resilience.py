@@ -325,6 +325,17 @@ def test_maintain_keeps_every_row_and_the_stages_read_its_files(world):
     assert {t: table_rows(wh, t, drop=("run_id",)) for t in gold} == expected
 
 
+def test_a_first_night_records_why_its_model_stages_did_not_run(world):
+    """Night 1 has no history to train on: train says so, and evaluate and promote each have
+    a row saying they were skipped because of it (no gap in the night's runs)."""
+    runs = [r for r in world["ctx"].table("ops/job_runs").to_arrow().to_pylist() if r["run_date"] == D1]
+    first = {r["stage"]: r for r in sorted(runs, key=lambda r: r["started_at"], reverse=True)}
+    assert first["train"]["status"] == "insufficient_history" and first["train"]["exit_code"] == 5
+    for stage in ("evaluate", "promote"):
+        assert (first[stage]["status"], first[stage]["exit_code"]) == ("skipped", 0)
+        assert first[stage]["message"] == f"not run: train found too little history for {D1} (insufficient_history)"
+
+
 def test_a_backfilled_older_night_skips_the_model_stages(world):
     """Re-running a past night after a later one trained the challenger: the model stages
     belong to the newest night, so nothing is trained, evaluated or promoted, and no alias
