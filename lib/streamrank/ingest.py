@@ -16,6 +16,12 @@ What a run for D reads and writes
   (thousands of rows): they are parsed with Python's csv module (strict RFC 4180 quoting,
   so every bad row is reported with its line; line_number is the line a record starts
   on, the header being line 1) and written through the table layer from Arrow.
+- Corrections: landing files are immutable, so a corrected snapshot lands as a new file
+  beside the original, ``products_D.rev1.csv`` (then ``.rev2``, ...), holding the whole
+  snapshot again. The newest revision is the one read (``revision_number``); a re-run for
+  D replaces the partition with it, and clean can then replay the rows it quarantined as
+  unknown_product or unknown_stream. Revisions already ingested stay immutable; one that
+  a newer revision superseded before it was ingested is ignored (and counted so).
 - ``ops/ingest_log``: one row per committed landing file (path, size, sha256, rows,
   target table and version, run id, commit time).
 
@@ -367,13 +373,53 @@ def _discover(landing: Path, date: dt.date, logged: dict[str, dict[str, Any]]
         days = [(date, True)] + ([(date + dt.timedelta(days=1), False)] if sub == "schedule" else [])
         for day, required in days:
             rel = f"{sub}/{pattern.format(day.isoformat())}"
-            path = landing / rel
-            if path.is_file():
-                _check_name(rel)
-                files.append(LandingFile(kind, rel, path, path.stat().st_size, snapshot_date=day))
-            elif required and rel not in logged:
-                raise MissingInputError(f"required landing file for {date} is missing: {path}")
+            revisions = snapshot_revisions(landing, rel)
+            for _, rel_i in revisions:
+                _check_name(rel_i)
+            # the newest revision is the snapshot, unless a newer one was ingested already
+            # (its file since removed by landing retention): an older one never takes over
+            newest_logged = max((n for n in (revision_number(rel, r) for r in logged) if n is not None), default=-1)
+            latest = revisions[-1] if revisions and revisions[-1][0] >= newest_logged else None
+            for n, r in revisions:
+                f = LandingFile(kind, r, landing / r, (landing / r).stat().st_size, snapshot_date=day)
+                if (n, r) == latest or r in logged:  # an ingested revision stays immutable (re-hashed)
+                    files.append(f)
+                else:
+                    ignored.append(r)
+                    log.warning("ingest: ignoring %s (superseded by a later revision of the snapshot)", r)
+            if not revisions and required and newest_logged < 0:
+                raise MissingInputError(f"required landing file for {date} is missing: {landing / rel}")
     return files, empty, ignored
+
+
+def revision_number(rel: str, candidate: str) -> int | None:
+    """Which revision of the catalog or schedule file `rel` the landing path `candidate` is, if any.
+
+    Landing files are immutable, so a corrected snapshot of day X lands as a new file next
+    to the original: ``products_X.rev1.csv``, ``.rev2.csv``, ... each the whole snapshot,
+    not a difference. The original is revision 0; the highest one replaces the
+    snapshot_date=X partition.
+    """
+    if candidate == rel:
+        return 0
+    stem = rel.removesuffix(".csv")
+    m = re.fullmatch(re.escape(stem) + r"\.rev([1-9]\d*)\.csv", candidate)
+    return int(m.group(1)) if m else None
+
+
+def snapshot_revisions(landing: Path, rel: str) -> list[tuple[int, str]]:
+    """(revision, path) of the landing files that are `rel` or a revision of it, oldest first."""
+    folder = (landing / rel).parent
+    if not folder.is_dir():
+        return []
+    stem = Path(rel).name.removesuffix(".csv")
+    found = []
+    for path in folder.glob(f"{stem}*.csv"):
+        other = path.relative_to(landing).as_posix()
+        n = revision_number(rel, other)
+        if n is not None and path.is_file():
+            found.append((n, other))
+    return sorted(found)
 
 
 def _event_files(landing: Path, folder: Path) -> tuple[list[LandingFile], list[str], list[str]]:
@@ -466,7 +512,8 @@ def _scan_files(new: list[LandingFile], old: list[LandingFile], logged: dict[str
     if changed:
         raise ChangedFileError(
             "landing files changed after they were ingested (landing files are immutable; drop a new file "
-            "instead): " + "; ".join(changed) + "; nothing was committed"
+            "instead, for a catalog or schedule correction NAME.rev1.csv beside NAME.csv): " + "; ".join(changed)
+            + "; nothing was committed"
         )
 
 

@@ -9,6 +9,7 @@ that would otherwise be valid, so every ledger kind maps to exactly one outcome.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -420,3 +421,71 @@ def test_missing_inputs_exit_5(spark, conf):
     with pytest.raises(MissingInputError, match=r"bronze/products has no rows for snapshot_date=2026-03-01"):
         clean(ctx, D1)
     assert ctx.table("silver/viewer_events").version() in (None, 0)
+
+
+def test_quarantined_rows_are_replayed_once_their_cause_is_fixed(spark, base_conf, tmp_path):
+    """The catalog of D missed products that events used, so clean quarantined those rows as
+    unknown_product. A corrected catalog landed as products_D.rev1.csv, then ingest and clean
+    re-run for D, move exactly the rows whose only reason that was to silver; every other row
+    stays where it was, and the day still conserves. A broken line corrected at the source
+    (a new events file) reaches silver the same way, its original staying in quarantine."""
+    from streamrank.generate import generate
+    from streamrank.ingest import ChangedFileError, ingest
+
+    cfg = base_conf.with_overrides({"warehouse.root": str(tmp_path / "warehouse"), "landing.root": str(tmp_path / "landing"),
+                                    "delta.engine": "rs"})
+    generate(cfg.landing, D1, 1, scale=0.005, faults=True)
+    ctx = Context(cfg)
+    ingest(ctx, D1)
+    before = clean(ctx, D1)
+    quarantine = ctx.table("silver/quarantine").read()
+    fixable = quarantine.filter(F.col("reasons") == F.array(F.lit("unknown_product"))) \
+        .select("event_id", F.get_json_object("raw_line", "$.product_id").alias("product_id")).collect()
+    assert fixable, "the generated day must have unknown_product faults"
+    kept_in_quarantine = _rows(quarantine.filter(F.col("reasons") != F.array(F.lit("unknown_product"))))
+    silver_before = _rows(ctx.table("silver/viewer_events").read())
+
+    original = Path(cfg.landing) / "catalog" / f"products_{D1}.csv"
+    lines = original.read_text().splitlines()
+    category = lines[1].split(",")[2]
+    missing = sorted({r.product_id for r in fixable})
+    revision = original.with_name(f"products_{D1}.rev1.csv")
+    revision.write_text("\n".join(lines + [f"{p},Late Product {p},{category},Acme,19.99,2026-01-01" for p in missing]) + "\n")
+
+    fixed = ingest(ctx, D1)
+    assert fixed["new_files"] == [f"catalog/products_{D1}.rev1.csv"] and fixed["files_ignored"] == 0
+    products = ctx.table("bronze/products").read().filter(F.col("snapshot_date") == F.lit(D1))
+    assert products.count() == len(lines) - 1 + len(missing)  # replaced, not appended to
+    assert {r.source_file for r in products.select("source_file").distinct().collect()} == {f"catalog/products_{D1}.rev1.csv"}
+
+    after = clean(ctx, D1)
+    assert after["silver_rows"] == before["silver_rows"] + len(fixable)
+    assert after["quarantined_rows"] == before["quarantined_rows"] - len(fixable)
+    assert after["duplicates_dropped"] == before["duplicates_dropped"]
+    assert _rows(ctx.table("silver/quarantine").read()) == kept_in_quarantine
+    silver = ctx.table("silver/viewer_events").read()
+    fixed_ids = spark.createDataFrame([(r.event_id,) for r in fixable], "event_id string")
+    assert _rows(silver.join(fixed_ids, "event_id", "left_anti")) == silver_before
+    assert silver.join(fixed_ids, "event_id", "left_semi").count() == len(fixable)
+
+    # a broken line is fixed at the source: its corrected copy, landed as a new events file,
+    # reaches silver beside the original, which stays in quarantine (not a duplicate of it)
+    broken = ctx.table("silver/quarantine").read().filter(F.col("reasons") == F.array(F.lit("bad_dwell"))).first()
+    line = json.loads(broken.raw_line)
+    line["dwell_ms"] = 1000
+    (Path(cfg.landing) / f"events/date={D1}" / "corrected-1.jsonl").write_text(json.dumps(line) + "\n")
+    assert ingest(ctx, D1)["new_files"] == [f"events/date={D1}/corrected-1.jsonl"]
+    corrected = clean(ctx, D1)
+    assert (corrected["silver_rows"], corrected["quarantined_rows"], corrected["duplicates_dropped"]) == (
+        after["silver_rows"] + 1, after["quarantined_rows"], after["duplicates_dropped"])
+    assert ctx.table("silver/viewer_events").read().filter(F.col("event_id") == broken.event_id).first().dwell_ms == 1000
+
+    # an ingested revision is immutable; of two new ones, the newer is read and the older ignored
+    revision.write_text(revision.read_text() + "p9999999,Changed,x,y,1.00,2026-01-01\n")
+    with pytest.raises(ChangedFileError, match=f"products_{D1}.rev1.csv"):
+        ingest(ctx, D1)
+    revision.write_text("\n".join(lines + [f"{p},Late Product {p},{category},Acme,19.99,2026-01-01" for p in missing]) + "\n")
+    for n in (2, 3):
+        original.with_name(f"products_{D1}.rev{n}.csv").write_text("\n".join(lines) + "\n")
+    again = ingest(ctx, D1)
+    assert again["new_files"] == [f"catalog/products_{D1}.rev3.csv"] and again["files_ignored"] == 1
