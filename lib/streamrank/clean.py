@@ -590,8 +590,53 @@ def clean(ctx: Context, date: dt.date) -> dict[str, Any]:
     from streamrank.context import stage_run
 
     with stage_run(ctx, STAGE, date) as run:
+        previous = _previous_counts(ctx, date)  # before this run's own row is recorded
         metrics = _clean(ctx, date, run)
-    return metrics
+        stale = stale_feature_nights(previous, metrics, _feature_nights(ctx, date))
+        if stale:
+            # a replay (or a filled hole) changed silver that features already read
+            run.metrics["feature_nights_to_rebuild"] = [n.isoformat() for n in stale]
+            note = (f"silver of {date} changed after features were built as of {', '.join(map(str, stale))}: "
+                    f"`streamrank nightly --date {stale[-1]} --from features` rebuilds the newest night's features, "
+                    "model and rankings")
+            run.message = f"{run.message}; {note}"
+            log.warning("clean: %s", note)
+    return dict(run.metrics)
+
+
+#: the counts that say whether a re-run of clean changed silver of its ingest date
+_OUTCOME_COUNTS = ("silver_rows", "quarantined_rows", "duplicates_dropped")
+
+
+def stale_feature_nights(previous: Mapping[str, Any] | None, counts: Mapping[str, Any],
+                         feature_nights: Sequence[dt.date]) -> list[dt.date]:
+    """The feature nights to rebuild after a clean: every night whose features read silver of
+    the day, unless this clean reproduced the previous one's outcome counts.
+
+    A first clean of the day (``previous`` None: a hole filled after later nights ran) or one
+    with other counts (a replay after a catalog correction or a new bot threshold) changed
+    what those nights read.
+    """
+    if previous is not None and all(previous.get(k) == counts.get(k) for k in _OUTCOME_COUNTS):
+        return []
+    return sorted(set(feature_nights))
+
+
+def _previous_counts(ctx: Context, day: dt.date) -> dict[str, Any] | None:
+    """The outcome counts of the latest successful clean of `day` (ops/job_runs), if any."""
+    from streamrank.context import successful_runs
+
+    runs = successful_runs(ctx, STAGE, [day])
+    return json.loads(max(runs, key=lambda r: r["started_at"])["metrics"]) if runs else None
+
+
+def _feature_nights(ctx: Context, day: dt.date) -> list[dt.date]:
+    """Nights from `day` on, within the features' look-back, whose features stage succeeded."""
+    from streamrank.context import successful_runs
+    from streamrank.features import FeatureParams
+
+    window = FeatureParams.from_config(ctx.cfg).lookback_days
+    return [r["run_date"] for r in successful_runs(ctx, "features", [day + dt.timedelta(days=i) for i in range(window + 1)])]
 
 
 def _clean(ctx: Context, day: dt.date, run: StageRun) -> dict[str, Any]:

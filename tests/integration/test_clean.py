@@ -36,7 +36,7 @@ from streamrank.clean import (
     sliding_max,
     type_events,
 )
-from streamrank.context import Context
+from streamrank.context import Context, stage_run
 from streamrank.errors import MissingInputError, QualityGateError, StreamrankError
 from streamrank.schemas import table_spec
 from streamrank.spark import without_dictionaries
@@ -458,7 +458,13 @@ def test_quarantined_rows_are_replayed_once_their_cause_is_fixed(spark, base_con
     assert products.count() == len(lines) - 1 + len(missing)  # replaced, not appended to
     assert {r.source_file for r in products.select("source_file").distinct().collect()} == {f"catalog/products_{D1}.rev1.csv"}
 
+    with stage_run(ctx, "features", D1):  # a night whose features read the silver about to change
+        pass
     after = clean(ctx, D1)
+    assert after["feature_nights_to_rebuild"] == [str(D1)] and "feature_nights_to_rebuild" not in before
+    last = max((r for r in ctx.table("ops/job_runs").to_arrow().to_pylist() if r["stage"] == "clean"),
+               key=lambda r: r["started_at"])
+    assert f"`streamrank nightly --date {D1} --from features` rebuilds" in last["message"]
     assert after["silver_rows"] == before["silver_rows"] + len(fixable)
     assert after["quarantined_rows"] == before["quarantined_rows"] - len(fixable)
     assert after["duplicates_dropped"] == before["duplicates_dropped"]
