@@ -592,7 +592,7 @@ def clean(ctx: Context, date: dt.date) -> dict[str, Any]:
     with stage_run(ctx, STAGE, date) as run:
         previous = _previous_counts(ctx, date)  # before this run's own row is recorded
         metrics = _clean(ctx, date, run)
-        stale = stale_feature_nights(previous, metrics, _feature_nights(ctx, date))
+        stale = stale_feature_nights(previous, metrics, lambda: _feature_nights(ctx, date))
         if stale:
             # a replay (or a filled hole) changed silver that features already read
             run.metrics["feature_nights_to_rebuild"] = [n.isoformat() for n in stale]
@@ -609,9 +609,10 @@ _OUTCOME_COUNTS = ("silver_rows", "quarantined_rows", "duplicates_dropped")
 
 
 def stale_feature_nights(previous: Mapping[str, Any] | None, counts: Mapping[str, Any],
-                         feature_nights: Sequence[dt.date]) -> list[dt.date]:
+                         feature_nights: Callable[[], Sequence[dt.date]]) -> list[dt.date]:
     """The feature nights to rebuild after a clean: every night whose features read silver of
-    the day, unless this clean reproduced the previous one's outcome counts.
+    the day (asked of `feature_nights` only then, as it reads ops/job_runs), unless this
+    clean reproduced the previous one's outcome counts.
 
     A first clean of the day (``previous`` None: a hole filled after later nights ran) or one
     with other counts (a replay after a catalog correction or a new bot threshold) changed
@@ -619,7 +620,7 @@ def stale_feature_nights(previous: Mapping[str, Any] | None, counts: Mapping[str
     """
     if previous is not None and all(previous.get(k) == counts.get(k) for k in _OUTCOME_COUNTS):
         return []
-    return sorted(set(feature_nights))
+    return sorted(set(feature_nights()))
 
 
 def _previous_counts(ctx: Context, day: dt.date) -> dict[str, Any] | None:

@@ -36,7 +36,7 @@ from streamrank.clean import (
     sliding_max,
     type_events,
 )
-from streamrank.context import Context, stage_run
+from streamrank.context import Context
 from streamrank.errors import MissingInputError, QualityGateError, StreamrankError
 from streamrank.schemas import table_spec
 from streamrank.spark import without_dictionaries
@@ -429,6 +429,7 @@ def test_quarantined_rows_are_replayed_once_their_cause_is_fixed(spark, base_con
     re-run for D, move exactly the rows whose only reason that was to silver; every other row
     stays where it was, and the day still conserves. A broken line corrected at the source
     (a new events file) reaches silver the same way, its original staying in quarantine."""
+    from streamrank.features import build_features
     from streamrank.generate import generate
     from streamrank.ingest import ChangedFileError, ingest
 
@@ -458,8 +459,7 @@ def test_quarantined_rows_are_replayed_once_their_cause_is_fixed(spark, base_con
     assert products.count() == len(lines) - 1 + len(missing)  # replaced, not appended to
     assert {r.source_file for r in products.select("source_file").distinct().collect()} == {f"catalog/products_{D1}.rev1.csv"}
 
-    with stage_run(ctx, "features", D1):  # a night whose features read the silver about to change
-        pass
+    build_features(ctx, D1)  # a night whose features read the silver about to change
     after = clean(ctx, D1)
     assert after["feature_nights_to_rebuild"] == [str(D1)] and "feature_nights_to_rebuild" not in before
     last = max((r for r in ctx.table("ops/job_runs").to_arrow().to_pylist() if r["stage"] == "clean"),
