@@ -10,6 +10,12 @@ the exit code of spark-submit is the driver's, and the tasks act on it as
   the current champion;
 - train exits 5 on a new warehouse's first nights (too little history): it is skipped,
   and so are evaluate and promote;
+- a backfill (`airflow dags backfill`, or a cleared past run) of a night older than the
+  challenger's: train runs with --newest-only, exits 5 with outcome older_than_challenger
+  without training, and is skipped with evaluate and promote, as `streamrank nightly` skips
+  them there (a model of that night would not become the challenger, and evaluating the
+  newer one on that night's holdout scores it on rows it trained on). score and report
+  still run. `streamrank train --date X` by hand trains such a night's model on purpose;
 - score exits 5 while no model holds the champion alias: skipped, nothing is published;
 - report always runs once the data stages succeeded; any other non-zero exit fails its
   task, and Airflow's retry re-runs that stage (every stage is idempotent), except exit 3:
@@ -20,12 +26,6 @@ An exit code alone would skip too much: score also exits 5 when tomorrow's sched
 landed, and that must fail loudly. So a task is skipped only when the stage also printed
 the matching `streamrank <stage>: outcome: <name>` line (lib/streamrank/errors.py), which
 the CLI prints for exactly these expected states.
-
-A backfill (`airflow dags backfill`) of a night older than the challenger's runs each
-stage as asked, unlike `streamrank nightly`, which skips train, evaluate and promote
-there: train registers that night's model without moving `challenger`, evaluate scores
-the newer challenger on a holdout it trained on, and promote refuses it (exit 4, skipped).
-Clear those three tasks from such a run to save the training time.
 
 Where things are, read when the DAG file is parsed: STREAMRANK_HOME (the checkout with
 its .venv, default /opt/streamrank), STREAMRANK_CONF (default conf/cluster.yaml there)
@@ -50,7 +50,10 @@ CONF = os.environ.get("STREAMRANK_CONF", f"{REPO}/conf/cluster.yaml")
 PACKAGES = os.environ.get("STREAMRANK_SPARK_PACKAGES", "io.delta:delta-spark_2.13:4.0.1") or None
 STAGES = ["ingest", "clean", "features", "train", "evaluate", "promote", "score", "report"]
 #: stage -> (exit code, outcome) that mean "nothing to do tonight" rather than a failure (see above)
-SKIP_ON = {"train": (5, "insufficient_history"), "promote": (4, "gate_not_passed"), "score": (5, "no_champion")}
+SKIP_ON = {"train": [(5, "insufficient_history"), (5, "older_than_challenger")], "promote": [(4, "gate_not_passed")],
+           "score": [(5, "no_champion")]}
+#: arguments a stage's task adds to --conf and --date: train as the nightly does, newest night only
+STAGE_ARGS = {"train": ["--newest-only"]}
 OUTCOME = re.compile(r"^streamrank [\w-]+: outcome: (\w+)")
 #: exit codes that no retry can change: a failed data-quality gate (the same data fails again)
 NO_RETRY = (3,)
@@ -59,16 +62,16 @@ AFTER_SKIPS = {"score", "report"}
 
 
 class StageSubmit(SparkSubmitOperator):
-    """spark-submit of one stage, skipped on the exit code and outcome in `skip_on`.
+    """spark-submit of one stage, skipped on an (exit code, outcome) pair in `skip_on`.
 
     SparkSubmitOperator fails on every non-zero exit and has no skip option, so the exit
     code is read from the spark-submit process the hook ran, and the outcome line from
     its output as the hook logs it.
     """
 
-    def __init__(self, *, skip_on: tuple[int, str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, skip_on: list[tuple[int, str]] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.skip_on = skip_on
+        self.skip_on = [tuple(pair) for pair in skip_on or []]
         self.outcome: str | None = None
 
     def _get_hook(self) -> Any:
@@ -89,7 +92,7 @@ class StageSubmit(SparkSubmitOperator):
             super().execute(context)
         except AirflowException:
             code = getattr(getattr(self._hook, "_submit_sp", None), "returncode", None)
-            if self.skip_on is not None and (code, self.outcome) == self.skip_on:
+            if (code, self.outcome) in self.skip_on:
                 raise AirflowSkipException(f"{self.task_id} exited {code} ({self.outcome}): nothing to do tonight") from None
             if code in NO_RETRY:
                 raise AirflowFailException(f"{self.task_id} exited {code}: the data-quality gate failed, "
@@ -113,7 +116,7 @@ with DAG(
         task = StageSubmit(
             task_id=stage,
             application=f"{REPO}/jobs/{stage}.py",
-            application_args=["--conf", CONF, "--date", "{{ ds }}"],
+            application_args=["--conf", CONF, "--date", "{{ ds }}", *STAGE_ARGS.get(stage, [])],
             packages=PACKAGES,
             conn_id="spark_default",
             deploy_mode="client",  # in cluster mode spark-submit's exit code is not the driver's

@@ -198,6 +198,11 @@ STAGES: list[tuple[str, str, str]] = [
                             "than the challenger's skips train, evaluate and promote)"),
 ]
 STAGE_FLAGS: dict[str, list[tuple[str, dict]]] = {
+    "train": [
+        ("--newest-only", {"action": "store_true",
+                           "help": "for schedulers running stage by stage: when the challenger was trained as of a later "
+                                   "night, train nothing and exit 5 (outcome older_than_challenger), as nightly does"}),
+    ],
     "nightly": [
         ("--force", {"action": "store_true", "help": "re-run stages that already succeeded for D"}),
         ("--from", {"dest": "from_stage", "metavar": "STAGE", "help": "restart from this stage"}),

@@ -72,6 +72,16 @@ class InsufficientHistoryError(MissingInputError):
     outcome = "insufficient_history"
 
 
+class OlderNightError(MissingInputError):
+    """`train --newest-only` for a night older than the challenger's: that night's model is not wanted.
+
+    A scheduler that runs the stages one by one (deploy/airflow) passes --newest-only so a
+    backfill skips train, evaluate and promote, as `streamrank nightly` does.
+    """
+
+    outcome = "older_than_challenger"
+
+
 class NoChampionError(MissingInputError):
     """No model holds the `champion` alias yet, so there is nothing to score with."""
 

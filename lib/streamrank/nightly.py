@@ -29,7 +29,7 @@ import importlib
 from streamrank.context import Context, record_skipped, stage_run
 from streamrank.errors import InsufficientHistoryError, ModelGateError, NoChampionError, StreamrankError, UsageError
 from streamrank.lock import WarehouseLock
-from streamrank.registry import CHALLENGER, ModelRef, by_alias
+from streamrank.train import backfill_note, newer_challenger
 
 STAGE_ORDER = ["ingest", "clean", "features", "train", "evaluate", "promote", "score", "report"]
 MODEL_STAGES = ("train", "evaluate", "promote")
@@ -55,18 +55,6 @@ def plan(done: set[str], force: bool, from_stage: str | None) -> list[tuple[str,
         else:
             out.append((stage, stage not in done))
     return out
-
-
-def newer_challenger(ctx: Context, date: dt.date) -> ModelRef | None:
-    """The challenger when it was trained as of a night after D (D is a backfill), else None."""
-    current = by_alias(ctx.cfg, CHALLENGER)
-    return current if current is not None and current.trained_after(date) else None
-
-
-def backfill_note(date: dt.date, challenger: ModelRef) -> str:
-    """Why a past night's model stages did not run, and how to train that night's model anyway."""
-    return (f"model stages skipped: {date} is older than challenger v{challenger.version} (trained as of "
-            f"{challenger.trained_as_of}); `streamrank train --date {date}` trains this night's model on purpose")
 
 
 def run_stage(ctx: Context, stage: str, date: dt.date) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 from pyspark.sql import functions as F
 
 from streamrank.context import Context, stage_run
-from streamrank.errors import InsufficientHistoryError, MissingInputError, StreamrankError
+from streamrank.errors import InsufficientHistoryError, MissingInputError, OlderNightError, StreamrankError
 from streamrank.registry import (
     CHALLENGER,
     ModelRef,
@@ -110,13 +110,23 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def train(ctx: Context, date: dt.date) -> dict[str, Any]:
+def train(ctx: Context, date: dt.date, newest_only: bool = False) -> dict[str, Any]:
+    """Train and register D's model; with `newest_only`, refuse a night older than the challenger's.
+
+    `newest_only` is the nightly's backfill rule for schedulers that run each stage as its
+    own task: the refusal is an expected outcome (OlderNightError, exit 5) on which the
+    scheduler skips train and the model stages after it.
+    """
     import mlflow
 
     from streamrank.pyfunc_model import log_model
     from streamrank.train_worker import NonFiniteLossError, run_training
 
     with stage_run(ctx, "train", date) as run:
+        newer = newer_challenger(ctx, date) if newest_only else None
+        if newer is not None:
+            run.metrics["challenger_trained_as_of"] = str(newer.trained_as_of)
+            raise OlderNightError(backfill_note(date, newer))
         table = ctx.table(TRAINING_TABLE)
         version = table.version()
         files = table.files(version, partitions={"as_of_date": date})
@@ -189,6 +199,18 @@ def train(ctx: Context, date: dt.date) -> dict[str, Any]:
                 "split_rows": splits, "challenger_version": run.metrics["challenger_version"]}
 
 
+def newer_challenger(ctx: Context, date: dt.date) -> ModelRef | None:
+    """The challenger when it was trained as of a night after D (D is a backfill), else None."""
+    current = by_alias(ctx.cfg, CHALLENGER)
+    return current if current is not None and current.trained_after(date) else None
+
+
+def backfill_note(date: dt.date, challenger: ModelRef) -> str:
+    """Why a past night's model stages did not run, and how to train that night's model anyway."""
+    return (f"model stages skipped: {date} is older than challenger v{challenger.version} (trained as of "
+            f"{challenger.trained_as_of}); `streamrank train --date {date}` trains this night's model on purpose")
+
+
 def takes_challenger(current: ModelRef | None, date: dt.date) -> bool:
     """Whether a model trained as of `date` becomes the challenger.
 
@@ -221,5 +243,5 @@ def version_description(date: dt.date, table_version: int, model_version: str, s
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
-    train(ctx, args.date)
+    train(ctx, args.date, newest_only=getattr(args, "newest_only", False))
     return 0

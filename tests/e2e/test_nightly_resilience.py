@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 from streamrank.clean import clean
 from streamrank.context import Context
 from streamrank.delta import Warehouse
+from streamrank.errors import OlderNightError
 from streamrank.generate import generate
 from streamrank.ingest import ingest
 from streamrank.nightly import nightly
@@ -29,6 +30,7 @@ from streamrank.promote import promote
 from streamrank.publish import recover
 from streamrank.registry import by_alias
 from streamrank.schemas import all_table_names
+from streamrank.train import train
 
 D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
 D4 = D3 + dt.timedelta(days=1)
@@ -233,6 +235,9 @@ def test_report_renders_with_images_in_headless_chromium(world, tmp_path):
     ("score", ["--date", str(D3), "--set", "mlflow.model_name=nobody"], 5,
      "no version of model 'nobody' holds the alias 'champion'", "no_champion"),
     ("score", ["--date", str(D4)], 5, f"bronze/stream_products has no rows for snapshot_date {D4 + dt.timedelta(days=1)}", None),
+    # the DAG's train task of a backfilled night: skipped, as the nightly skips it
+    ("train", ["--date", str(D2), "--newest-only"], 5, f"model stages skipped: {D2} is older than challenger v",
+     "older_than_challenger"),
 ])
 def test_spark_submit_entry_points_pass_exit_codes_through(world, job, args, code, says, outcome):
     """What a scheduler runs: `spark-submit jobs/<stage>.py`, whose exit code and outcome
@@ -368,3 +373,23 @@ def test_a_backfilled_older_night_skips_the_model_stages(world):
     rescored = wh.table("gold/user_product_rankings").read().filter(F.col("score_date") == D3)
     assert rescored.count() > 0
     assert {r.model_version for r in rescored.select("model_version").distinct().collect()} == {aliases["champion"].version}
+
+
+def test_train_newest_only_refuses_a_backfilled_night_and_registers_nothing(world):
+    """What the Airflow DAG's train task does for a past night: no model, no alias move, a
+    row that says why and how to train that night anyway; the newest night still trains."""
+    from streamrank.registry import client
+
+    cfg, ctx = world["cfg"], world["ctx"]
+    challenger = by_alias(cfg, "challenger")
+    assert challenger.trained_as_of == D3
+    registered = {mv.version for mv in client(cfg).search_model_versions(f"name='{cfg['mlflow.model_name']}'")}
+    with pytest.raises(OlderNightError, match=f"streamrank train --date {D2}` trains this night's model on purpose"):
+        train(ctx, D2, newest_only=True)
+    assert {mv.version for mv in client(cfg).search_model_versions(f"name='{cfg['mlflow.model_name']}'")} == registered
+    assert by_alias(cfg, "challenger") == challenger
+    rows = [r for r in ctx.table("ops/job_runs").to_arrow().to_pylist() if r["stage"] == "train" and r["run_date"] == D2]
+    last = max(rows, key=lambda r: r["started_at"])
+    assert (last["status"], last["exit_code"]) == ("older_than_challenger", 5)
+    assert f"older than challenger v{challenger.version}" in last["message"]
+    assert json.loads(last["metrics"])["challenger_trained_as_of"] == str(D3)

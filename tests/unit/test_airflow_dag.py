@@ -46,10 +46,24 @@ def test_dag_runs_the_nightlys_stages_in_its_order():
     assert dag_constants()["STAGES"] == list(STAGE_ORDER)
 
 
+def skip_pairs() -> list[tuple[str, int, str]]:
+    """(stage, exit code, outcome) for every skip the DAG knows."""
+    return [(stage, code, outcome) for stage, pairs in dag_constants()["SKIP_ON"].items() for code, outcome in pairs]
+
+
 def test_every_expected_state_is_skipped_by_the_dag_on_its_code_and_outcome():
-    skip_on = dag_constants()["SKIP_ON"]
-    assert sorted(skip_on.values()) == sorted((c.exit_code, c.outcome) for c in outcome_errors())
+    assert sorted((code, outcome) for _, code, outcome in skip_pairs()) == sorted(
+        (c.exit_code, c.outcome) for c in outcome_errors())
     assert dag_constants()["NO_RETRY"] == (errors.QualityGateError.exit_code,)
+
+
+def test_the_dag_trains_only_the_newest_night_as_the_nightly_does():
+    """A backfilled night's train task must refuse (and be skipped), not register an old model."""
+    stage_args = dag_constants()["STAGE_ARGS"]
+    assert stage_args == {"train": ["--newest-only"]}
+    args = cli.build_parser().parse_args(["train", "--date", "2026-11-03", *stage_args["train"]])
+    assert args.newest_only is True
+    assert ("train", errors.OlderNightError.exit_code, errors.OlderNightError.outcome) in skip_pairs()
 
 
 def cli_raising(stage: str, error: errors.StreamrankError, monkeypatch) -> int:
@@ -63,9 +77,8 @@ def cli_raising(stage: str, error: errors.StreamrankError, monkeypatch) -> int:
     return cli.main([stage])
 
 
-@pytest.mark.parametrize("stage", ["train", "promote", "score"])
-def test_the_line_the_cli_prints_is_the_one_the_dag_reads(stage, monkeypatch, capsys):
-    code, outcome = dag_constants()["SKIP_ON"][stage]
+@pytest.mark.parametrize("stage,code,outcome", skip_pairs())
+def test_the_line_the_cli_prints_is_the_one_the_dag_reads(stage, code, outcome, monkeypatch, capsys):
     error = next(c for c in outcome_errors() if c.outcome == outcome)
     assert cli_raising(stage, error("an expected state"), monkeypatch) == code
     pattern = re.compile(dag_constants()["OUTCOME"])
