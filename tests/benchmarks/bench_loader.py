@@ -14,7 +14,10 @@ row groups and list encoding are what production reads.
   same number of rows; ratio = loader rate / step rate; target >= 3 (the loader is not the
   bottleneck).
 
-Each figure is the median of 3 repetitions, both sides interleaved in one run.
+Each figure is the median of repetitions, both sides interleaved in one run: 5 for
+``loader``, whose epoch takes about a second, so that one disturbed pass cannot move it
+(with 3, one full run read 0.72 and a standalone run right after it 1.03), and 3 for
+``train_step``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from streamrank.train_worker import measure_loader_vs_step, measure_petastorm_vs
 L, C, T, P = 50, 32, 10, 8
 VOCAB = {"n_products": 5402, "n_categories": 18, "n_event_types": 12, "n_hosts": 52}  # about scale 1's catalogue
 AS_OF = dt.date(2026, 11, 7)
+LOADER_REPEATS = 5
 
 
 def _list(a: np.ndarray) -> pa.Array:
@@ -109,7 +113,7 @@ def run(spark, cfg: Config, workdir: Path, quick: bool) -> list[dict]:
     conf["model"] = {**(conf.get("model") or {}), **VOCAB}
     row_groups = sum(pq.ParquetFile(f.removeprefix("file://")).num_row_groups for f in files)
 
-    cmp = measure_petastorm_vs_pyarrow(files, conf, repeats=3)
+    cmp = measure_petastorm_vs_pyarrow(files, conf, repeats=LOADER_REPEATS)
     bs = cmp["batch_size"]
 
     step_batches = 3 if quick else 8
