@@ -49,7 +49,7 @@ REPO = os.environ.get("STREAMRANK_HOME", "/opt/streamrank")
 CONF = os.environ.get("STREAMRANK_CONF", f"{REPO}/conf/cluster.yaml")
 PACKAGES = os.environ.get("STREAMRANK_SPARK_PACKAGES", "io.delta:delta-spark_2.13:4.0.1") or None
 STAGES = ["ingest", "clean", "features", "train", "evaluate", "promote", "score", "report"]
-#: stage -> (exit code, outcome) that mean "nothing to do tonight" rather than a failure (see above)
+#: stage -> the (exit code, outcome) pairs that mean "nothing to do tonight" rather than a failure (see above)
 SKIP_ON = {"train": [(5, "insufficient_history"), (5, "older_than_challenger")], "promote": [(4, "gate_not_passed")],
            "score": [(5, "no_champion")]}
 #: arguments a stage's task adds to --conf and --date: train as the nightly does, newest night only

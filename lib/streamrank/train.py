@@ -7,8 +7,9 @@ plain conf dict, so it runs in-process, under TorchDistributor, or on a GPU box 
 The result is logged to MLflow (params, conf, per-epoch metrics, table version, git
 commit, the pyfunc model with signature and input example), registered under the
 conf's model name and given the alias `challenger`, unless the challenger already is a model
-trained as of a later date: a backfill of an older night (`streamrank nightly --date X` for
-a past X) registers its model but does not turn the challenger back in time.
+trained as of a later date: `streamrank train --date X` for a past X registers its model but
+does not turn the challenger back in time. `streamrank nightly` and `train --newest-only`
+(a scheduler's train task) do not train such a night at all.
 """
 
 from __future__ import annotations
