@@ -30,7 +30,7 @@ from streamrank.promote import promote
 from streamrank.publish import recover
 from streamrank.registry import by_alias
 from streamrank.schemas import all_table_names
-from streamrank.train import train
+from streamrank.train import newer_challenger, train
 
 D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
 D4 = D3 + dt.timedelta(days=1)
@@ -377,7 +377,7 @@ def test_a_backfilled_older_night_skips_the_model_stages(world):
 
 def test_train_newest_only_refuses_a_backfilled_night_and_registers_nothing(world):
     """What the Airflow DAG's train task does for a past night: no model, no alias move, a
-    row that says why and how to train that night anyway; the newest night still trains."""
+    row that says why and how to train that night anyway; the challenger's own night is not refused."""
     from streamrank.registry import client
 
     cfg, ctx = world["cfg"], world["ctx"]
@@ -393,3 +393,4 @@ def test_train_newest_only_refuses_a_backfilled_night_and_registers_nothing(worl
     assert (last["status"], last["exit_code"]) == ("older_than_challenger", 5)
     assert f"older than challenger v{challenger.version}" in last["message"]
     assert json.loads(last["metrics"])["challenger_trained_as_of"] == str(D3)
+    assert newer_challenger(ctx, D3) is None and newer_challenger(ctx, D2) == challenger
